@@ -1,0 +1,80 @@
+"""Shared test fixtures: the golden data of the original HART implementation.
+
+The golden folder (`../shared/golden` beside the checkout, or `$HART_GOLDEN_DIR`) is read
+at test time; nothing in it is copied into the tests. Tolerances come from its
+`golden.json["tolerances"]["rules"]`, never from this file.
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get("HART_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+CASES = ("adaln", "adaln_single", "prenorm")
+
+
+class Golden:
+    def __init__(self, root: Path):
+        self.root = root
+        self.meta = json.loads((root / "golden.json").read_text())
+        self.rules = [
+            (re.compile(rule["pattern"]), rule["atol"], rule["rtol"]) for rule in self.meta["tolerances"]["rules"]
+        ]
+        self._tensors = {}
+
+    @property
+    def system_prompt(self) -> str:
+        return self.meta["system_prompt"]
+
+    def case(self, name: str) -> dict:
+        return json.loads((self.root / name / "case.json").read_text())
+
+    def tensors(self, name: str) -> dict:
+        """Expected tensors of a case, or of the tokenizer when `name == "vae"`."""
+        if name not in self._tensors:
+            path = self.root / ("vae_expected.safetensors" if name == "vae" else f"{name}/expected.safetensors")
+            self._tensors[name] = load_file(str(path))
+        return self._tensors[name]
+
+    def tolerance(self, tensor_name: str):
+        for pattern, atol, rtol in self.rules:
+            if pattern.fullmatch(tensor_name):
+                return atol, rtol
+        raise AssertionError(f"no golden tolerance rule matches {tensor_name!r}")
+
+    def assert_close(self, tensor_name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+        """Compare by the golden rules: integer/bool exactly, floats with the first matching rule."""
+        actual = actual.detach().cpu()
+        assert tuple(actual.shape) == tuple(expected.shape), (
+            f"{tensor_name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+        )
+        if not expected.is_floating_point():
+            mismatched = (actual.to(expected.dtype) != expected).sum().item()
+            assert mismatched == 0, f"{tensor_name}: {mismatched} of {expected.numel()} entries differ"
+            return
+        atol, rtol = self.tolerance(tensor_name)
+        actual = actual.to(expected.dtype)
+        ok = torch.allclose(actual, expected, atol=atol, rtol=rtol)
+        worst = (actual - expected).abs().max().item()
+        assert ok, f"{tensor_name}: max |diff| {worst:.3e} exceeds atol={atol} rtol={rtol}"
+
+    def released_layout(self, case: str, dest: Path) -> Path:
+        """Assemble the released checkpoint layout `<dest>/{llm,tokenizer}` for a case."""
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(self.root / case / "llm", dest / "llm")
+        shutil.copytree(self.root / "tokenizer", dest / "tokenizer")
+        return dest
+
+
+@pytest.fixture(scope="session")
+def golden() -> Golden:
+    if not (GOLDEN_DIR / "golden.json").is_file():
+        pytest.fail(f"golden data not found at {GOLDEN_DIR}; set HART_GOLDEN_DIR to the shared/golden folder")
+    return Golden(GOLDEN_DIR)
