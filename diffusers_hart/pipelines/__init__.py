@@ -1,0 +1,3 @@
+from .hart import HARTPipeline
+
+__all__ = ["HARTPipeline"]

@@ -1,0 +1,3 @@
+from .pipeline_hart import HARTPipeline
+
+__all__ = ["HARTPipeline"]

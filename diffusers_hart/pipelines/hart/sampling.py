@@ -1,0 +1,111 @@
+"""Token sampling for HART: top-k/top-p filtering, multinomial draws, gumbel-smoothed token maps.
+
+Randomness follows the original's protocol so a seed reproduces its images: token draws
+(multinomial, gumbel noise) come from one stream and the residual-diffusion noise from a
+second stream seeded with the same seed. `RandomStreams` builds both from what the user
+passes: one generator (batched draws, as the original) or one generator per image
+(per-image draws, so an image does not depend on what else is in the batch).
+"""
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+GeneratorArg = Optional[Union[torch.Generator, List[torch.Generator]]]
+
+
+class RandomStreams:
+    def __init__(self, generator: GeneratorArg, num_images: int, device: torch.device):
+        if generator is None:
+            # seed from the global RNG so torch.manual_seed() still makes runs repeatable
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        self.per_image = isinstance(generator, (list, tuple))
+        tokens = list(generator) if self.per_image else [generator]
+        if self.per_image and len(tokens) != num_images:
+            raise ValueError(
+                f"You passed a list of {len(tokens)} generators but the batch has {num_images} images "
+                "(prompts x num_images_per_prompt); pass one generator per image or a single generator."
+            )
+        self.token_generators = tokens
+        self.noise_generators = [torch.Generator(g.device).manual_seed(g.initial_seed()) for g in tokens]
+        self.device = device
+
+    @staticmethod
+    def _on(generator: torch.Generator, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(generator.device) if tensor.device != generator.device else tensor
+
+    def multinomial(self, probs_BlV: torch.Tensor) -> torch.LongTensor:
+        """One token per row of (B, l, V) probabilities."""
+        B, l, V = probs_BlV.shape
+        if not self.per_image:
+            g = self.token_generators[0]
+            idx = torch.multinomial(self._on(g, probs_BlV).view(-1, V), 1, replacement=True, generator=g)
+            return idx.view(B, l).to(probs_BlV.device)
+        rows = [
+            torch.multinomial(self._on(g, probs_BlV[i]), 1, replacement=True, generator=g).view(1, l)
+            for i, g in enumerate(self.token_generators)
+        ]
+        return torch.cat(rows).to(probs_BlV.device)
+
+    def gumbel(self, like_BlV: torch.Tensor) -> torch.Tensor:
+        """Standard Gumbel noise `-log(Exp(1))` shaped like `like_BlV`."""
+        if not self.per_image:
+            draws = [like_BlV]
+        else:
+            draws = list(like_BlV.split(1))
+        noise = [
+            -torch.empty(d.shape, dtype=d.dtype, device=g.device).exponential_(generator=g).log()
+            for d, g in zip(draws, self.token_generators)
+        ]
+        return torch.cat(noise).to(like_BlV.device)
+
+    def randn(self, num_images: int, rows_per_image: int, channels: int, copies: int, dtype) -> torch.Tensor:
+        """Gaussian noise for `copies` CFG halves of `num_images * rows_per_image` rows: (copies * N, channels).
+
+        With one generator this is a single draw of that shape (the original's order); per image,
+        each generator draws its own rows of every half.
+        """
+        if not self.per_image:
+            g = self.noise_generators[0]
+            shape = (copies * num_images * rows_per_image, channels)
+            return torch.randn(shape, generator=g, device=g.device, dtype=dtype).to(self.device)
+        per_image = [
+            torch.randn((copies, rows_per_image, channels), generator=g, device=g.device, dtype=dtype).to(self.device)
+            for g in self.noise_generators
+        ]
+        return torch.stack(per_image, dim=1).reshape(copies * num_images * rows_per_image, channels)
+
+
+def top_k_top_p_filter(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit below the k-th largest of its row, then outside the top-p nucleus."""
+    logits = logits_BlV.clone()
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False  # always keep the most likely token
+        logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+    return logits
+
+
+def default_top_k(stage_index: int) -> int:
+    """The original's fixed top-k: 600 for the first seven scales, 300 after."""
+    return 600 if stage_index < 7 else 300
+
+
+def smooth_token_vectors(
+    filtered_logits_BlV: torch.Tensor, ratio: float, codebook_VC: torch.Tensor, streams: RandomStreams
+) -> torch.Tensor:
+    """Gumbel-softmax mixture of code vectors ("more smooth" sampling), with the original's temperature schedule."""
+    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+    scaled = filtered_logits_BlV * (1 + ratio)
+    weights = ((scaled + streams.gumbel(scaled)) / tau).softmax(dim=-1)
+    return weights @ codebook_VC.to(weights.dtype).unsqueeze(0)
+
+
+def guidance_ratios(num_stages: int) -> Sequence[float]:
+    """Per-stage fraction of the guidance scale: si / (SN - 1), the last stage reusing the one before it."""
+    return [min(si, num_stages - 2) / (num_stages - 1) for si in range(num_stages)]
