@@ -390,7 +390,8 @@ class HARTTransformer2DModel(ModelMixin, ConfigMixin):
             kv_cache.advance(hidden_states.shape[1])
 
         # 3. head
-        logits = self.proj_out(self.norm_out(hidden_states.float(), condition_BLD.float()).to(self.proj_out.weight.dtype))
+        # logits leave in float32: CFG mixing and sampling of a low-precision model stay accurate
+        logits = self.proj_out(self.norm_out(hidden_states, condition_BLD)).float()
         if not return_dict:
             return logits, hidden_states, kv_cache
         return HARTTransformerOutput(logits=logits, hidden_states=hidden_states, kv_cache=kv_cache)

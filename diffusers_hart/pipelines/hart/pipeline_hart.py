@@ -357,7 +357,6 @@ class HARTPipeline(DiffusionPipeline):
         kv_cache = transformer.init_kv_cache(2 * batch_size, device=device)
         f_hat = torch.zeros(batch_size, codebook_VC.shape[1], patch_nums[-1], patch_nums[-1], device=device, dtype=self.vae.dtype)
         ratios = guidance_ratios(num_stages)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
         next_tokens = None
 
         # 3. scale by scale
@@ -421,7 +420,7 @@ class HARTPipeline(DiffusionPipeline):
             self.scheduler,
             condition,
             guidance_scale=guidance,
-            noise_fn=lambda copies: streams.randn(two_b // 2, l, discrete.shape[-1], copies, condition.dtype),
+            draw_noise=lambda shape: streams.randn(two_b // 2, l, shape[1], shape[0] // (two_b // 2 * l), torch.float32),
             num_inference_steps=num_inference_steps,
             sample_scale=transformer.config.residual_scale,
         )

@@ -1,0 +1,290 @@
+"""HART tokenizer: a VQGAN-style conv autoencoder around the hybrid multi-scale quantizer.
+
+Submodule and parameter names of the encoder / decoder follow the original release so that its weights map
+one to one.
+"""
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, EncoderOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
+
+from .hybrid_quantizer import HARTHybridQuantizer
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6)
+
+
+class HARTResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+        super().__init__()
+        self.norm1 = _group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = _group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class HARTAttentionBlock(nn.Module):
+    """Single-head self-attention over all pixels, with a residual connection."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = _group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(batch, 3, channels, height * width).transpose(-1, -2)
+        q, k, v = qkv.unsqueeze(2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        return x + self.proj_out(h.transpose(1, 2).reshape(batch, channels, height, width))
+
+
+class HARTDownsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Asymmetric right/bottom padding (as in taming-transformers) keeps the output at exactly H/2 x W/2.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class HARTUpsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _ResolutionStage(nn.Module):
+    """Resnet blocks, each followed by attention on the lowest resolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, dropout: float, with_attention: bool):
+        super().__init__()
+        self.block = nn.ModuleList(
+            HARTResnetBlock(in_channels if i == 0 else out_channels, out_channels, dropout) for i in range(num_blocks)
+        )
+        self.attn = nn.ModuleList(HARTAttentionBlock(out_channels) for _ in range(num_blocks if with_attention else 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            x = block(x)
+            if len(self.attn):
+                x = self.attn[i](x)
+        return x
+
+
+class _EncoderLevel(_ResolutionStage):
+    def __init__(self, in_channels, out_channels, num_blocks, dropout, with_attention: bool, downsample: bool):
+        super().__init__(in_channels, out_channels, num_blocks, dropout, with_attention)
+        self.downsample = HARTDownsample(out_channels) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class _DecoderLevel(_ResolutionStage):
+    def __init__(self, in_channels, out_channels, num_blocks, dropout, with_attention: bool, upsample: bool):
+        super().__init__(in_channels, out_channels, num_blocks, dropout, with_attention)
+        self.upsample = HARTUpsample(out_channels) if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        return x if self.upsample is None else self.upsample(x)
+
+
+class _MidStage(nn.Module):
+    def __init__(self, channels: int, dropout: float):
+        super().__init__()
+        self.block_1 = HARTResnetBlock(channels, channels, dropout)
+        self.attn_1 = HARTAttentionBlock(channels)
+        self.block_2 = HARTResnetBlock(channels, channels, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class HARTEncoder(nn.Module):
+    def __init__(
+        self, in_channels: int, z_channels: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int, dropout: float
+    ):
+        super().__init__()
+        num_levels = len(ch_mult)
+        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, padding=1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for level, mult in enumerate(ch_mult):
+            is_lowest = level == num_levels - 1
+            self.down.append(_EncoderLevel(block_in, ch * mult, num_res_blocks, dropout, is_lowest, not is_lowest))
+            block_in = ch * mult
+        self.mid = _MidStage(block_in, dropout)
+        self.norm_out = _group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class HARTDecoder(nn.Module):
+    def __init__(
+        self, out_channels: int, z_channels: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int, dropout: float
+    ):
+        super().__init__()
+        num_levels = len(ch_mult)
+        block_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, padding=1)
+        self.mid = _MidStage(block_in, dropout)
+        # `up[level]` works at the resolution of encoder level `level`; it is run from the last level to the first.
+        levels = []
+        for level in reversed(range(num_levels)):
+            block_out = ch * ch_mult[level]
+            levels.insert(
+                0, _DecoderLevel(block_in, block_out, num_res_blocks + 1, dropout, level == num_levels - 1, level != 0)
+            )
+            block_in = block_out
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class HARTAutoEncoder(ModelMixin, ConfigMixin):
+    r"""
+    The HART tokenizer: encoder, hybrid multi-scale quantizer and decoder.
+
+    An image in [-1, 1] is encoded to a continuous latent `quant_conv(encoder(x))` of `z_channels` channels at
+    1 / 2**(len(ch_mult) - 1) of its size. `quantize` turns that latent into per-scale codebook indices plus a
+    continuous residual; `decode` maps a latent or an accumulated `f_hat` back to an image.
+
+    Parameters:
+        in_channels (`int`, defaults to 3): Channels of the input image.
+        out_channels (`int`, defaults to 3): Channels of the decoded image.
+        ch (`int`, defaults to 160): Base channel width of encoder and decoder.
+        ch_mult (`Tuple[int, ...]`, defaults to `(1, 1, 2, 2, 4)`): Width multiplier of every resolution level; each
+            level but the last halves (encoder) / doubles (decoder) the resolution.
+        num_res_blocks (`int`, defaults to 2): Resnet blocks per encoder level (the decoder uses one more).
+        dropout (`float`, defaults to 0.0): Dropout inside the resnet blocks.
+        z_channels (`int`, defaults to 32): Latent channels (`Cvae`), also the codebook entry size.
+        vocab_size (`int`, defaults to 4096): Codebook size.
+        patch_nums (`Tuple[int, ...]`, defaults to `(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)`): Token-map side of every
+            quantizer stage; the last equals the latent side.
+        quant_conv_ks (`int`, defaults to 3): Kernel size of `quant_conv` and `post_quant_conv`.
+        quant_resi (`float`, defaults to 0.5): Mixing ratio of the quantizer's `Phi` refinement convs (0 disables
+            them).
+        share_quant_resi (`int`, defaults to 4): Number of `Phi` convs shared across stages (0: one per stage, 1: one
+            for all).
+        default_qresi_counts (`int`, defaults to 0): Number of `Phi` convs when `share_quant_resi == 0` (0: one per
+            stage).
+        beta (`float`, defaults to 0.25): Commitment weight of the training VQ loss.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        ch: int = 160,
+        ch_mult: Tuple[int, ...] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        dropout: float = 0.0,
+        z_channels: int = 32,
+        vocab_size: int = 4096,
+        patch_nums: Tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+        quant_conv_ks: int = 3,
+        quant_resi: float = 0.5,
+        share_quant_resi: int = 4,
+        default_qresi_counts: int = 0,
+        beta: float = 0.25,
+    ):
+        super().__init__()
+        self.encoder = HARTEncoder(in_channels, z_channels, ch, ch_mult, num_res_blocks, dropout)
+        self.quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, padding=quant_conv_ks // 2)
+        self.quantize = HARTHybridQuantizer(
+            vocab_size,
+            z_channels,
+            patch_nums,
+            quant_resi=quant_resi,
+            share_quant_resi=share_quant_resi,
+            default_qresi_counts=default_qresi_counts,
+            beta=beta,
+        )
+        self.post_quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, padding=quant_conv_ks // 2)
+        self.decoder = HARTDecoder(out_channels, z_channels, ch, ch_mult, num_res_blocks, dropout)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(x))
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+    @apply_forward_hook
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> Union[EncoderOutput, Tuple[torch.Tensor]]:
+        """Encode images (B, in_channels, H, W) in [-1, 1] to the continuous latent `f` (B, z_channels, h, w).
+
+        Tokenize `f` with `self.quantize.latent_to_indices`.
+        """
+        latent = self._encode(x)
+        if not return_dict:
+            return (latent,)
+        return EncoderOutput(latent=latent)
+
+    @apply_forward_hook
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> Union[DecoderOutput, Tuple[torch.Tensor]]:
+        """Decode a latent or an accumulated `f_hat` (B, z_channels, h, w) to images clamped to [-1, 1]."""
+        sample = self._decode(z).clamp(-1, 1)
+        if not return_dict:
+            return (sample,)
+        return DecoderOutput(sample=sample)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        skip_continuous_prob: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+        return_dict: bool = True,
+    ) -> Union[DecoderOutput, Tuple[torch.Tensor, torch.Tensor]]:
+        """Training reconstruction through the quantizer.
+
+        Args:
+            sample (`torch.Tensor`): Images (B, in_channels, H, W) in [-1, 1].
+            skip_continuous_prob (`float`, defaults to 0.0): Probability of decoding the discrete tokens only (see
+                [`HARTHybridQuantizer.forward`]).
+            generator (`torch.Generator`, *optional*): Source of the skip draw.
+            return_dict (`bool`, defaults to `True`): Return a `DecoderOutput` instead of a tuple.
+
+        Returns:
+            `DecoderOutput` with the unclamped reconstruction `sample` and the VQ loss as `commit_loss`, or the
+            tuple `(sample, vq_loss)`.
+        """
+        f_hat, vq_loss, _ = self.quantize(self._encode(sample), skip_continuous_prob, generator)
+        reconstruction = self._decode(f_hat)
+        if not return_dict:
+            return reconstruction, vq_loss
+        return DecoderOutput(sample=reconstruction, commit_loss=vq_loss)
