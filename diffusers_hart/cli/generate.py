@@ -36,7 +36,7 @@ def load_pipeline(model: str, dtype: torch.dtype):
 
         logger.warning("Using the tiny random-weight model: its images are noise. Pass --model for a converted HART.")
         return tiny_random_pipeline().to(dtype)
-    return HARTPipeline.from_pretrained(model, torch_dtype=dtype)
+    return HARTPipeline.from_pretrained(model, dtype=dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -81,7 +81,7 @@ def build_pipeline_from_original(
     checkpoint_path: Union[str, os.PathLike],
     text_encoder_path: Union[str, os.PathLike],
     use_ema: bool = True,
-    torch_dtype: Optional[torch.dtype] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> HARTPipeline:
     """A ready `HARTPipeline` from the released `{llm,tokenizer}` folder and a Qwen2 text-encoder folder."""
     from transformers import AutoModel, AutoTokenizer
@@ -101,8 +101,8 @@ def build_pipeline_from_original(
         system_prompt=HART_SYSTEM_PROMPT,
         default_num_inference_steps=num_steps,
     )
-    if torch_dtype is not None:
-        pipe.to(torch_dtype)
+    if dtype is not None:
+        pipe.to(dtype)
     return pipe
 
 
@@ -131,7 +131,7 @@ def convert(
     _check_output_path(output, [checkpoint_path, text_encoder_path], overwrite)
     if push_to_hub and not repo_id:
         raise ValueError("--push_to_hub needs --repo_id")
-    pipe = build_pipeline_from_original(checkpoint_path, text_encoder_path, use_ema=use_ema, torch_dtype=DTYPES[dtype])
+    pipe = build_pipeline_from_original(checkpoint_path, text_encoder_path, use_ema=use_ema, dtype=DTYPES[dtype])
     pipe.save_pretrained(output, safe_serialization=True)
     (output / "pipeline.py").write_text(CUSTOM_PIPELINE_FILE)
     if push_to_hub:
@@ -148,7 +148,8 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint_path", required=True, help="released folder holding llm/ and tokenizer/")
     parser.add_argument("--text_encoder_path", required=True, help="Qwen2 model + tokenizer folder")
     parser.add_argument("--output_path", required=True, help="new folder for the diffusers pipeline")
-    parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default)")
+    parser.add_argument("--use_ema", dest="use_ema", action="store_true", default=True, help="EMA weights (default)")
+    parser.add_argument("--no_use_ema", dest="use_ema", action="store_false", help="the plain (non-EMA) weights")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output folder")
     parser.add_argument("--push_to_hub", action="store_true")

@@ -32,7 +32,7 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from diffusers_hart import HARTPipeline
 
-        >>> pipe = HARTPipeline.from_pretrained("path/to/hart-0.7b-1024px-diffusers", torch_dtype=torch.float16)
+        >>> pipe = HARTPipeline.from_pretrained("path/to/hart-0.7b-1024px-diffusers", dtype=torch.float16)
         >>> pipe.to("cuda")
         >>> image = pipe("An astronaut riding a horse on the moon", generator=torch.Generator().manual_seed(1)).images[0]
         >>> image.save("astronaut.png")
@@ -112,12 +112,12 @@ class HARTPipeline(DiffusionPipeline):
         checkpoint_path: Union[str, os.PathLike],
         text_encoder_path: Union[str, os.PathLike],
         use_ema: bool = True,
-        torch_dtype: Optional[torch.dtype] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> "HARTPipeline":
         """Build the pipeline straight from the original release's folders (`llm/`, `tokenizer/`) and a Qwen2 folder."""
         from ...conversion.convert_hart_to_diffusers import build_pipeline_from_original
 
-        return build_pipeline_from_original(checkpoint_path, text_encoder_path, use_ema=use_ema, torch_dtype=torch_dtype)
+        return build_pipeline_from_original(checkpoint_path, text_encoder_path, use_ema=use_ema, dtype=dtype)
 
     # ------------------------------------------------------------------ properties
     @property
