@@ -1,5 +1,6 @@
 """HARTPipeline: text-to-image generation with the Hybrid Autoregressive Transformer."""
 
+import copy
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -329,7 +330,7 @@ class HARTPipeline(DiffusionPipeline):
         self._guidance_scale = guidance_scale
         self._interrupt = False
         device = self._execution_device
-        transformer, quantizer = self.transformer, self.vae.quantize
+        transformer, quantizer = self.transformer, self._quantizer_on(device)
         patch_nums = tuple(transformer.config.patch_nums)
         num_stages = len(patch_nums)
         self._num_timesteps = num_stages
@@ -408,6 +409,17 @@ class HARTPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    def _quantizer_on(self, device: torch.device):
+        """The VAE's quantizer (codebook and refinement convs) on `device`.
+
+        Every scale needs it, but with model CPU offload the VAE only comes to the device for
+        decoding; the quantizer is tiny, so a device copy keeps the encoder/decoder offloaded.
+        """
+        quantizer = self.vae.quantize
+        if quantizer.embedding.weight.device != torch.device(device):
+            quantizer = copy.deepcopy(quantizer).to(device)
+        return quantizer
 
     def _sample_residual(self, hidden_states, discrete_vectors_BlC, guidance, num_inference_steps, streams):
         """Sample the continuous residual of every last-scale token with the diffusion head (CFG halves stacked)."""

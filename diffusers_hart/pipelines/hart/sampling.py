@@ -18,7 +18,7 @@ class RandomStreams:
     def __init__(self, generator: GeneratorArg, num_images: int, device: torch.device):
         if generator is None:
             # seed from the global RNG so torch.manual_seed() still makes runs repeatable
-            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+            generator = torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         self.per_image = isinstance(generator, (list, tuple))
         tokens = list(generator) if self.per_image else [generator]
         if self.per_image and len(tokens) != num_images:

@@ -1,0 +1,67 @@
+"""HARTPipeline on a CUDA device: dtypes, generator devices, parity with the original, model CPU offload.
+
+Skipped on machines without CUDA (CI has none); run on a GPU machine with the same command.
+"""
+
+import pytest
+import torch
+from conftest import CASES
+
+from diffusers_hart import HARTPipeline
+from diffusers_hart.pipelines.hart.tiny import tiny_random_pipeline
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def exact_float32_matmuls():
+    """The golden data is float32 CPU math; TF32 would round products to 10 mantissa bits."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("generator_device", ["cpu", "cuda"])
+def test_tiny_pipeline_on_gpu(dtype, generator_device):
+    pipe = tiny_random_pipeline().to("cuda", dtype)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(generator_device).manual_seed(0)
+    images = pipe(["a cat", ""], generator=generator, output_type="pt").images
+    assert images.device.type == "cuda" and torch.isfinite(images).all()
+    again = pipe(["a cat", ""], generator=torch.Generator(generator_device).manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(images, again, atol=0, rtol=0)
+
+
+def _released_pipe(golden, case, tmp_path):
+    root = golden.released_layout(case, tmp_path / case)
+    pipe = HARTPipeline.from_original(root, golden.root / "text_encoder")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe, meta, more_smooth=False):
+    return pipe(
+        meta["prompts"],
+        guidance_scale=meta["cfg"],
+        more_smooth=more_smooth,
+        generator=torch.Generator().manual_seed(meta["seed"]),  # CPU generator: the original's streams
+        output_type="pt",
+    ).images
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_float32_reproduces_the_original(golden, case, tmp_path):
+    pipe = _released_pipe(golden, case, tmp_path).to("cuda")
+    meta, expected = golden.case(case), golden.tensors(case)
+    golden.assert_close("gen.smooth0.image", _generate(pipe, meta).cpu(), expected["gen.smooth0.image"])
+
+
+def test_model_cpu_offload_gives_the_same_images(golden, tmp_path):
+    meta = golden.case(CASES[0])
+    on_gpu = _generate(_released_pipe(golden, CASES[0], tmp_path / "a").to("cuda"), meta)
+    offloaded = _released_pipe(golden, CASES[0], tmp_path / "b")
+    offloaded.enable_model_cpu_offload()
+    torch.testing.assert_close(_generate(offloaded, meta).cpu(), on_gpu.cpu(), atol=1e-6, rtol=0)
+    assert offloaded.vae.device.type == "cpu"  # offloaded again after decoding
