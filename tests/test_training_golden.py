@@ -62,22 +62,29 @@ def _compare_outputs(golden, out, expected):
     golden.assert_close("train.diff_loss", out.diffusion_loss.reshape(1), expected["train.diff_loss"])
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_training_step_matches_original(case, golden, models, vae):
-    expected, seed = golden.tensors(case), golden.case(case)["train_seed"]
-    inputs = _inputs(expected)
+def _golden_step(model, vae, expected, inputs, seed, **draws):
+    """One step with the golden keep mask and the original's sampling generator; other draws as given."""
     with torch.no_grad():
-        out = hart_training_outputs(
-            models[case],
+        return hart_training_outputs(
+            model,
             HARTResidualDiffusionScheduler(),
             vae.quantize.embedding.weight,
             **inputs,
             last_scale_keep=expected["train.kept_last_scale"],
-            cond_dropped=expected["train.cond_dropped"],
-            diffusion_timesteps=expected["train.diff_t"],
-            diffusion_noise=expected["train.diff_noise"],
             sampling_generator=torch.Generator().manual_seed(seed),
+            **draws,
         )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_training_step_matches_original(case, golden, models, vae):
+    expected, seed = golden.tensors(case), golden.case(case)["train_seed"]
+    inputs = _inputs(expected)
+    out = _golden_step(models[case], vae, expected, inputs, seed,
+        cond_dropped=expected["train.cond_dropped"],
+        diffusion_timesteps=expected["train.diff_t"],
+        diffusion_noise=expected["train.diff_noise"],
+    )  # fmt: skip
     assert not out.used_fallback_indices
     _compare_outputs(golden, out, expected)
     _assert_unchanged(inputs, expected)
@@ -90,16 +97,7 @@ def test_generator_replays_original_torch_stream(golden, models, vae):
     timesteps and noise (the original's global torch RNG), so the outputs still match."""
     case = CASES[0]
     expected, seed = golden.tensors(case), golden.case(case)["train_seed"]
-    with torch.no_grad():
-        out = hart_training_outputs(
-            models[case],
-            HARTResidualDiffusionScheduler(),
-            vae.quantize.embedding.weight,
-            **_inputs(expected),
-            last_scale_keep=expected["train.kept_last_scale"],
-            generator=torch.Generator().manual_seed(seed),
-            sampling_generator=torch.Generator().manual_seed(seed),
-        )
+    out = _golden_step(models[case], vae, expected, _inputs(expected), seed, generator=torch.Generator().manual_seed(seed))
     golden.assert_close("train.cond_dropped", out.draws.cond_dropped, expected["train.cond_dropped"])
     golden.assert_close("train.diff_t", out.draws.diffusion_timesteps, expected["train.diff_t"])
     golden.assert_close("train.diff_noise", out.draws.diffusion_noise, expected["train.diff_noise"])
