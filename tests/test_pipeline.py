@@ -94,6 +94,13 @@ def test_negative_prompt_changes_the_unconditional_branch(pipe):
     assert torch.isfinite(negative).all() and (plain - negative).abs().max() > 1e-4
 
 
+def test_negative_prompt_with_several_images_per_prompt(pipe):
+    images = _images(pipe, ["a cat", "a dog"], seed=[1, 2, 3, 4], num_images_per_prompt=2, negative_prompt=["blurry", "dark"])
+    assert images.shape[0] == 4 and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="negative_prompt"):
+        _images(pipe, ["a cat", "a dog"], negative_prompt=["blurry"])
+
+
 def test_guidance_zero_and_filters(pipe):
     for kwargs in (dict(guidance_scale=0.0), dict(top_k=0, top_p=0.5), dict(top_k=3)):
         assert torch.isfinite(_images(pipe, "a cat", **kwargs)).all()
@@ -152,6 +159,7 @@ def test_cpu_offload_sequence_names_components(pipe):
         (dict(prompt=[]), "empty list"),
         (dict(guidance_scale=-1.0), "guidance_scale"),
         (dict(top_p=1.5), "top_p"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(output_type="bmp"), "output_type"),
         (dict(generator=[torch.Generator().manual_seed(0)] * 3), "3 generators"),
         (dict(prompt=None), "prompt"),

@@ -199,6 +199,7 @@ class HARTPipeline(DiffusionPipeline):
         top_k,
         top_p,
         output_type,
+        num_images_per_prompt=1,
         prompt_embeds=None,
         prompt_attention_mask=None,
         negative_prompt=None,
@@ -226,6 +227,8 @@ class HARTPipeline(DiffusionPipeline):
                 raise ValueError("`prompt_embeds` needs a `prompt_attention_mask` of shape (batch, context_length).")
         if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
             raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt)}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
         if guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be >= 0 (0 disables guidance), got {guidance_scale}.")
         if top_k is not None and top_k < 0:
@@ -249,12 +252,10 @@ class HARTPipeline(DiffusionPipeline):
             mask = torch.zeros_like(prompt_mask)
             mask[:, 0] = True
             return torch.zeros_like(prompt_embeds), mask, torch.zeros_like(prompt_position_ids)
-        batch = prompt_embeds.shape[0]
-        negative = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negative) != batch:
-            negative = [p for p in negative for _ in range(batch // max(len(negative), 1))]
-        if len(negative) != batch:
-            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries for {batch} images.")
+        num_prompts = prompt_embeds.shape[0] // encode_kwargs["num_images_per_prompt"]
+        negative = [negative_prompt] * num_prompts if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negative) != num_prompts:
+            raise ValueError(f"`negative_prompt` has {len(negative)} entries for {num_prompts} prompts; give one per prompt.")
         return self.encode_prompt(negative, **encode_kwargs)
 
     @torch.no_grad()
@@ -324,7 +325,7 @@ class HARTPipeline(DiffusionPipeline):
         height = height or self.supported_size[0]
         width = width or self.supported_size[1]
         self.check_inputs(
-            prompt, height, width, guidance_scale, top_k, top_p, output_type,
+            prompt, height, width, guidance_scale, top_k, top_p, output_type, num_images_per_prompt,
             prompt_embeds, prompt_attention_mask, negative_prompt, callback_on_step_end_tensor_inputs,
         )  # fmt: skip
         self._guidance_scale = guidance_scale
@@ -393,7 +394,7 @@ class HARTPipeline(DiffusionPipeline):
                     callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, si, pn, callback_kwargs)
                     f_hat = callback_outputs.pop("f_hat", f_hat)
-                if si < num_stages - 1:
+                if si < num_stages - 1:  # from f_hat as the callback left it
                     next_pn = patch_nums[si + 1]
                     next_map = F.interpolate(f_hat, size=(next_pn, next_pn), mode="area")
                     next_tokens = next_map.flatten(2).transpose(1, 2).repeat(2, 1, 1).to(transformer.dtype)
@@ -417,7 +418,7 @@ class HARTPipeline(DiffusionPipeline):
         decoding; the quantizer is tiny, so a device copy keeps the encoder/decoder offloaded.
         """
         quantizer = self.vae.quantize
-        if quantizer.embedding.weight.device != torch.device(device):
+        if quantizer.embedding.weight.device != torch.empty(0, device=device).device:  # "cuda" means "cuda:0"
             quantizer = copy.deepcopy(quantizer).to(device)
         return quantizer
 
