@@ -115,7 +115,7 @@ class HARTTransformerBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int, norm_eps: float, conditioning: str):
         super().__init__()
         self.conditioning = conditioning
-        self.norm = HARTRMSNorm(dim, norm_eps)  # one parameter-free-in-spirit norm shared by both sublayers
+        self.norm = HARTRMSNorm(dim, norm_eps)  # one norm serves both sublayers, as in the original
         self.attn = HARTAttention(dim, num_heads)
         self.ff = HARTFeedForward(dim, mlp_hidden_dim)
         if conditioning == "adaln":
