@@ -84,6 +84,25 @@ def test_hub_repo_id_is_downloaded_then_loaded_locally(converted, monkeypatch):
     assert isinstance(pipe, HARTPipeline)
 
 
+def test_push_to_hub_uploads_the_converted_folder(golden, converted, tmp_path, monkeypatch):
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok):
+            calls.append(("create_repo", repo_id, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id):
+            calls.append(("upload_folder", repo_id, sorted(p.name for p in (tmp_path / "pushed").iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    root, _ = converted[CASES[0]]
+    with pytest.raises(ValueError, match="--repo_id"):
+        _convert(golden, root, tmp_path / "no_repo", "--push_to_hub")
+    _convert(golden, root, tmp_path / "pushed", "--push_to_hub", "--repo_id", "you/hart-tiny")
+    assert calls[0] == ("create_repo", "you/hart-tiny", True)
+    assert calls[1][:2] == ("upload_folder", "you/hart-tiny") and {"model_index.json", "pipeline.py"} <= set(calls[1][2])
+
+
 def test_no_use_ema_and_dtype(golden, converted, tmp_path):
     root, _ = converted[CASES[0]]
     out = _convert(golden, root, tmp_path / "plain_fp16", "--no_use_ema", "--dtype", "fp16")

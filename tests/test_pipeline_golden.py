@@ -26,6 +26,7 @@ def case_pipe(request, golden, tmp_path_factory):
 def _generate_with_capture(pipe, meta, more_smooth, monkeypatch):
     captured = {"logits": [], "indices": [], "fhat": []}
     original_filter, original_multinomial = pipeline_module.top_k_top_p_filter, RandomStreams.multinomial
+    original_residual = pipeline_module.sample_residual_tokens
 
     def recording_filter(logits, top_k, top_p):
         captured["logits"].append(logits.clone())
@@ -40,6 +41,12 @@ def _generate_with_capture(pipe, meta, more_smooth, monkeypatch):
         captured["fhat"].append(kwargs["f_hat"].clone())
         return {}
 
+    def recording_residual(head, scheduler, condition, **kwargs):
+        captured["diff.z"], captured["diff.cfg"] = condition.clone(), kwargs["guidance_scale"]
+        captured["diff.sample_full"] = original_residual(head, scheduler, condition, **kwargs)
+        return captured["diff.sample_full"]
+
+    monkeypatch.setattr(pipeline_module, "sample_residual_tokens", recording_residual)
     monkeypatch.setattr(pipeline_module, "top_k_top_p_filter", recording_filter)
     monkeypatch.setattr(RandomStreams, "multinomial", recording_multinomial)
     image = pipe(
@@ -84,6 +91,9 @@ def test_generation_matches_original(case_pipe, golden, more_smooth, monkeypatch
         golden.assert_close(f"{prefix}.stage{si}.indices", captured["indices"][si], expected[f"{prefix}.stage{si}.indices"])
         if si < num_stages - 1:
             golden.assert_close(f"{prefix}.stage{si}.fhat", captured["fhat"][si], expected[f"{prefix}.stage{si}.fhat"])
+    golden.assert_close(f"{prefix}.diff.z", captured["diff.z"], expected[f"{prefix}.diff.z"])
+    golden.assert_close(f"{prefix}.diff.cfg", torch.tensor([captured["diff.cfg"]]), expected[f"{prefix}.diff.cfg"])
+    golden.assert_close(f"{prefix}.diff.sample_full", captured["diff.sample_full"], expected[f"{prefix}.diff.sample_full"])
     golden.assert_close(f"{prefix}.fhat", captured["fhat"][-1], expected[f"{prefix}.fhat"])
     golden.assert_close(f"{prefix}.image", image, expected[f"{prefix}.image"])
     # the case's single image tolerance must hold too
