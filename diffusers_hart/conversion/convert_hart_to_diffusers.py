@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
-from safetensors.torch import load_file
 
 from ..models import HARTAutoEncoder, HARTTransformer2DModel
 from ..pipelines import HARTPipeline
 from ..schedulers import HARTResidualDiffusionScheduler
+from .state_dict_utils import load_checkpoint_file
 from .tokenizer_checkpoint import load_tokenizer_folder
 from .transformer_checkpoint import convert_transformer_config, convert_transformer_state_dict
 
@@ -55,14 +55,7 @@ __all__ = ["HARTPipeline"]
 
 def load_weights(folder: Path, use_ema: bool) -> Dict[str, torch.Tensor]:
     """Weights of a released `llm/` folder: EMA (`ema_model.bin`) or plain (`model.safetensors` / `pytorch_model.bin`)."""
-    candidates = ["ema_model.bin"] if use_ema else ["model.safetensors", "pytorch_model.bin"]
-    for name in candidates:
-        path = folder / name
-        if path.is_file():
-            if path.suffix == ".safetensors":
-                return load_file(str(path))
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"none of {candidates} found in {folder} (use_ema={use_ema})")
+    return load_checkpoint_file(folder, ["ema_model.bin"] if use_ema else ["model.safetensors", "pytorch_model.bin"])
 
 
 def convert_transformer_folder(llm_folder: Union[str, os.PathLike], vae: HARTAutoEncoder, use_ema: bool = True):

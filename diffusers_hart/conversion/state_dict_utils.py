@@ -5,9 +5,11 @@ source must be empty; anything left (or anything a mapping expected but did not 
 is an error that names the key. Nothing is silently dropped or guessed.
 """
 
-from typing import Dict, Iterable, MutableMapping, Tuple
+from pathlib import Path
+from typing import Dict, Iterable, MutableMapping, Sequence, Tuple
 
 import torch
+from safetensors.torch import load_file
 
 
 class CheckpointKeyError(KeyError):
@@ -61,3 +63,14 @@ def ensure_consumed(source: MutableMapping[str, torch.Tensor], *, checkpoint: st
             f"{checkpoint} holds {len(keys)} key(s) no mapping consumes: {', '.join(keys[:20])}"
             + (" ..." if len(keys) > 20 else "")
         )
+
+
+def load_checkpoint_file(folder: Path, candidates: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Load the first of `candidates` found in `folder`: safetensors, or a pickle read with `weights_only=True`."""
+    for name in candidates:
+        path = Path(folder) / name
+        if path.is_file():
+            if path.suffix == ".safetensors":
+                return load_file(str(path))
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"none of {list(candidates)} found in {folder}")

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Dict, Tuple, Union
 
 import torch
-from safetensors.torch import load_file
 
 from ..models.autoencoders import HARTAutoEncoder
-from .state_dict_utils import ensure_consumed, move_keys, move_prefixed
+from .state_dict_utils import ensure_consumed, load_checkpoint_file, move_keys, move_prefixed
 
 
 # Original config field -> HARTAutoEncoder config field.
@@ -135,10 +134,7 @@ def load_tokenizer_folder(path: Union[str, Path]) -> HARTAutoEncoder:
     """
     path = Path(path)
     original_config = json.loads((path / "config.json").read_text())
-    if (path / "model.safetensors").is_file():
-        state_dict = load_file(str(path / "model.safetensors"))
-    else:
-        state_dict = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    state_dict = load_checkpoint_file(path, ["model.safetensors", "pytorch_model.bin"])
     config, converted = convert_tokenizer_checkpoint(original_config, state_dict)
     model = HARTAutoEncoder(**config)
     model.load_state_dict(converted, strict=True)

@@ -232,7 +232,8 @@ def hart_training_outputs(
             sampled = sample_last_scale_tokens(last_logits, sampling_generator)
         elif fallback_indices is not None:
             warnings.warn(
-                "non-finite last-scale logits: using the ground-truth indices to condition the diffusion head"
+                "non-finite last-scale logits: using the ground-truth indices to condition the diffusion head",
+                stacklevel=2,
             )
             sampled = fallback_indices.to(last_logits.device)[last_scale_keep].view(B, num_kept)
             used_fallback = True
