@@ -35,7 +35,8 @@ def load_pipeline(model: str, dtype: torch.dtype):
         from ..pipelines.hart.tiny import tiny_random_pipeline
 
         logger.warning("Using the tiny random-weight model: its images are noise. Pass --model for a converted HART.")
-        return tiny_random_pipeline().to(dtype)
+        pipe = tiny_random_pipeline()
+        return pipe if dtype == torch.float32 else pipe.to(dtype)
     return HARTPipeline.from_pretrained(model, dtype=dtype)
 
 

@@ -33,7 +33,7 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_random_pipeline(
     seed: int = 0,
     patch_nums=(1, 2, 4),
-    context_length: int = 16,
+    context_length: int = 64,
     block_conditioning: str = "adaln",
 ) -> HARTPipeline:
     """A HARTPipeline with random weights: 4 px latent side x 16 = 64 px images."""
