@@ -33,20 +33,20 @@ def outputs(model, expected):
     x = expected["vae.input"]
     with torch.no_grad():
         latent = model.encode(x).latent
-        indices, frest_last = model.quantize.latent_to_indices(latent)
-        fhat = model.quantize.indices_to_fhat(indices)
+        indices, frest_last = model.latent_to_indices(latent)
+        fhat = model.indices_to_fhat(indices)
         forward = model(x, skip_continuous_prob=0.0)
         result = {
             "vae.encoder_out": model.encoder(x),
             "vae.latent": latent,
             "vae.frest_last": frest_last,
             "vae.fhat_discrete": fhat,
-            "vae.fhat_discrete_var": model.quantize.indices_to_fhat(indices, refine_last_scale=True),
+            "vae.fhat_discrete_var": model.indices_to_fhat(indices, refine_last_scale=True),
             "vae.decoded_discrete": model.decode(fhat).sample,
             "vae.decoded_continuous": model.decode(latent).sample,
             "vae.forward.out": forward.sample,
             "vae.forward.vq_loss": forward.commit_loss.reshape(1),
-            "vae.teacher_forcing_input": model.quantize.teacher_forcing_input(indices),
+            "vae.teacher_forcing_input": model.teacher_forcing_input(indices),
         }
     result.update({f"vae.indices.{si}": idx for si, idx in enumerate(indices)})
     return result

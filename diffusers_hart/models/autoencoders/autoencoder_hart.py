@@ -4,7 +4,7 @@ Submodule and parameter names of the encoder / decoder follow the original relea
 one to one.
 """
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -248,12 +248,27 @@ class HARTAutoEncoder(ModelMixin, ConfigMixin):
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> Union[EncoderOutput, Tuple[torch.Tensor]]:
         """Encode images (B, in_channels, H, W) in [-1, 1] to the continuous latent `f` (B, z_channels, h, w).
 
-        Tokenize `f` with `self.quantize.latent_to_indices`.
+        Tokenize `f` with `latent_to_indices`.
         """
         latent = self._encode(x)
         if not return_dict:
             return (latent,)
         return EncoderOutput(latent=latent)
+
+    def latent_to_indices(self, latent: torch.Tensor) -> Tuple[List[torch.LongTensor], torch.Tensor]:
+        """Per-scale token indices of a continuous latent and the residual left before the last scale.
+
+        See [`HARTHybridQuantizer.latent_to_indices`].
+        """
+        return self.quantize.latent_to_indices(latent)
+
+    def indices_to_fhat(self, indices: Sequence[torch.LongTensor], refine_last_scale: bool = False) -> torch.Tensor:
+        """The discrete latent `f_hat` of per-scale indices, ready for `decode`. See [`HARTHybridQuantizer.indices_to_fhat`]."""
+        return self.quantize.indices_to_fhat(indices, refine_last_scale=refine_last_scale)
+
+    def teacher_forcing_input(self, indices: Sequence[torch.LongTensor]) -> torch.Tensor:
+        """The transformer's training input for per-scale indices. See [`HARTHybridQuantizer.teacher_forcing_input`]."""
+        return self.quantize.teacher_forcing_input(indices)
 
     @apply_forward_hook
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> Union[DecoderOutput, Tuple[torch.Tensor]]:
