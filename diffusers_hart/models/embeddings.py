@@ -33,19 +33,26 @@ def rotary_2d(positions_BL2: torch.Tensor, head_dim: int, theta: float) -> Tuple
     return emb.cos(), emb.sin()
 
 
-def image_token_positions(patch_nums: Sequence[int], device=None) -> torch.Tensor:
-    """(row, col) of every image token of scales 1.. in the coordinates of the last scale, as (L_img, 2) floats.
+def image_token_grid(patch_nums: Sequence[int]) -> Tuple[torch.LongTensor, torch.LongTensor]:
+    """Integer (row, col) of every image token of scales 1.. as (L_img, 2), and the side of its scale as (L_img,).
+
+    Kept as integers so that a model cast to float16 does not round them; see `image_token_positions`.
+    """
+    grids, sides = [], []
+    for pn in patch_nums[1:]:
+        axis = torch.arange(pn)
+        grids.append(torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2))
+        sides.append(torch.full((pn * pn,), pn))
+    return torch.cat(grids), torch.cat(sides)
+
+
+def image_token_positions(grid_L2: torch.LongTensor, side_L: torch.LongTensor, last_side: int) -> torch.Tensor:
+    """(row, col) of image tokens in the coordinates of the last scale, as float32 (L, 2).
 
     A pn x pn scale samples the same image area as the last scale, so its grid is
     stretched by pn_last / pn (pn=3 of 8 gives 0, 2.667, 5.333).
     """
-    last = patch_nums[-1]
-    grids = []
-    for pn in patch_nums[1:]:
-        axis = torch.arange(pn, device=device)
-        grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1)
-        grids.append((grid / pn * last).reshape(-1, 2))
-    return torch.cat(grids, dim=0)
+    return grid_L2 / side_L[:, None] * last_side
 
 
 class HARTLevelEmbedding(nn.Module):

@@ -19,7 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
 from ...ops import apply_rotary_emb, rms_norm
-from ..embeddings import HARTLevelEmbedding, image_token_positions, rotary_1d, rotary_2d
+from ..embeddings import HARTLevelEmbedding, image_token_grid, image_token_positions, rotary_1d, rotary_2d
 from ..residual_diffusion import HARTResidualDiffusionMLP
 from .kv_cache import HARTKVCache
 
@@ -269,6 +269,9 @@ class HARTTransformer2DModel(ModelMixin, ConfigMixin):
         self.stage_starts = [sum(stage_lengths[:i]) for i in range(len(stage_lengths) + 1)]
         level_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(stage_lengths)])
         self.register_buffer("level_ids", level_ids, persistent=False)
+        image_grid, image_grid_side = image_token_grid(patch_nums)
+        self.register_buffer("image_grid", image_grid, persistent=False)
+        self.register_buffer("image_grid_side", image_grid_side, persistent=False)
 
     @property
     def num_stages(self) -> int:
@@ -299,8 +302,9 @@ class HARTTransformer2DModel(ModelMixin, ConfigMixin):
         """Condition of the diffusion head: last-scale hidden states plus the embedded sampled code vectors."""
         return self.diffusion_condition_norm(hidden_states + self.latent_embed(token_vectors))
 
-    def _image_rotary(self, token_positions_L2, offset_B, keep=None):
-        positions = token_positions_L2.unsqueeze(0) + offset_B.view(-1, 1, 1)
+    def _image_rotary(self, image_slice: slice, offset_B, keep=None):
+        grid_L2, side_L = self.image_grid[image_slice], self.image_grid_side[image_slice]
+        positions = image_token_positions(grid_L2, side_L, self.config.patch_nums[-1]).unsqueeze(0) + offset_B.view(-1, 1, 1)
         if keep is not None:
             positions = positions[keep].view(offset_B.shape[0], -1, 2)
         return rotary_2d(positions, self.head_dim, self.config.rope_theta)
@@ -340,7 +344,6 @@ class HARTTransformer2DModel(ModelMixin, ConfigMixin):
         B = encoder_hidden_states.shape[0]
         condition_BLD = self.embed_context(encoder_hidden_states)
         offset_B = encoder_position_ids[:, -1]
-        positions_L2 = image_token_positions(self.config.patch_nums, device=condition_BLD.device)
         attention_mask = None
 
         # 1. input tokens and their rotary tables
@@ -359,7 +362,7 @@ class HARTTransformer2DModel(ModelMixin, ConfigMixin):
             tokens = tokens + self.level_embed(level_ids)
             cos_c, sin_c = rotary_1d(encoder_position_ids, self.head_dim, self.config.rope_theta)
             image_keep = None if keep is None else keep[:, self.config.context_length :]
-            cos_i, sin_i = self._image_rotary(positions_L2, offset_B, image_keep)
+            cos_i, sin_i = self._image_rotary(slice(None), offset_B, image_keep)
             rotary_emb = (torch.cat((cos_c, cos_i), dim=1), torch.cat((sin_c, sin_i), dim=1))
             attention_mask = self._training_attention_mask(level_ids, tokens.dtype)
         else:
@@ -372,8 +375,8 @@ class HARTTransformer2DModel(ModelMixin, ConfigMixin):
                 rotary_emb = rotary_1d(encoder_position_ids, self.head_dim, self.config.rope_theta)
             else:
                 tokens = self.latent_embed(latent_tokens) + level_embedding
-                image_start = start - self.config.context_length
-                rotary_emb = self._image_rotary(positions_L2[image_start : end - self.config.context_length], offset_B)
+                ctx = self.config.context_length
+                rotary_emb = self._image_rotary(slice(start - ctx, end - ctx), offset_B)
         rotary_emb = tuple(t.to(tokens.dtype) for t in rotary_emb)
 
         # 2. blocks
