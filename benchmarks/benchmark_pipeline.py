@@ -50,6 +50,17 @@ def release_sized_pipeline(block_conditioning: str, dtype: torch.dtype, device: 
     return pipe.to(device, dtype)
 
 
+def environment() -> dict:
+    """The card and the software versions a result was measured with."""
+    return {
+        "device": torch.cuda.get_device_name(),
+        "versions": {
+            "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+        },
+    }  # fmt: skip
+
+
 def time_call(pipe, batch_size: int, repeats: int, warmup: int = 2) -> list:
     prompts = ["A small fluffy white cat sleeping on a sunny windowsill, surrounded by pots of red flowers"] * batch_size
     times = []
@@ -77,11 +88,7 @@ def main():
     counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("text_encoder", "transformer", "vae")}
     results = {
         "what": "HARTPipeline end to end (text encoding, 14 scales, 8-step residual head, decoding), random weights",
-        "device": torch.cuda.get_device_name(),
-        "versions": {
-            "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-        },
+        **environment(),
         "dtype": args.dtype,
         "block_conditioning": args.block_conditioning,
         "parameters": counts,

@@ -1,10 +1,12 @@
-"""Convert a released HART checkpoint into a diffusers folder.
+"""Convert a released HART checkpoint into a diffusers folder (the same command as `hart-convert`).
 
-The implementation lives in the package (`diffusers_hart.conversion.convert_hart_to_diffusers`,
-also installed as `hart-convert`) so that `HARTPipeline.from_original` can use it too.
+The implementation lives in the package, `diffusers_hart.conversion`, which also offers it as a function:
+`diffusers_hart.conversion.from_original(checkpoint_path, text_encoder_path)` builds the pipeline without saving it.
 """
 
-from diffusers_hart.conversion.convert_hart_to_diffusers import main
+import sys
+
+from diffusers_hart.cli.convert import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Conversion of the released checkpoint layout into a diffusers folder, and the three ways to load it."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ from safetensors.torch import load_file
 
 import huggingface_hub
 from diffusers_hart import HARTPipeline
-from diffusers_hart.conversion.convert_hart_to_diffusers import main as convert_main
+from diffusers_hart.conversion import from_original
+from diffusers_hart.cli.convert import build_parser
+from diffusers_hart.cli.convert import main as convert_main
 from diffusers_hart.conversion.state_dict_utils import CheckpointKeyError
 
 
@@ -26,9 +29,10 @@ def _generate(pipe, meta, more_smooth=False):
 
 
 def _convert(golden, root, out, *extra):
-    convert_main(
-        ["--checkpoint_path", str(root), "--text_encoder_path", str(golden.root / "text_encoder"), "--output_path", str(out), *extra]
-    )
+    """`hart-convert` in-process; `--debug` lets its errors through as exceptions (test_conversion_errors.py checks
+    the one-line form)."""
+    args = ["--checkpoint_path", str(root), "--text_encoder_path", str(golden.root / "text_encoder")]
+    assert convert_main([*args, "--output_path", str(out), "--debug", *extra]) == 0
     return out
 
 
@@ -60,7 +64,7 @@ def test_round_trip_and_all_loading_routes_agree(golden, converted, tmp_path):
     case = CASES[0]
     meta = golden.case(case)
     root, out = converted[case]
-    reference = _generate(HARTPipeline.from_original(root, golden.root / "text_encoder"), meta)
+    reference = _generate(from_original(root, golden.root / "text_encoder"), meta)
     loaded = HARTPipeline.from_pretrained(out)
     torch.testing.assert_close(_generate(loaded, meta), reference, atol=0, rtol=0)
     loaded.save_pretrained(tmp_path / "again")
@@ -126,7 +130,7 @@ def _edit_ema(root, edit):
 def test_missing_key_is_named(golden, tmp_path):
     root = golden.released_layout(CASES[0], tmp_path / "released")
     _edit_ema(root, lambda s: s.pop("blocks.1.attn.q_bias"))
-    with pytest.raises(CheckpointKeyError, match=r"blocks\.1\.attn\.q_bias"):
+    with pytest.raises(CheckpointKeyError, match=r"llm/ema_model\.bin is missing .*blocks\.1\.attn\.q_bias"):
         _convert(golden, root, tmp_path / "out")
 
 
@@ -163,3 +167,24 @@ def test_existing_output_is_never_overwritten_silently(golden, converted, tmp_pa
         _convert(golden, root, root / "llm" / "converted")
     _convert(golden, root, out, "--overwrite")
     assert (out / "model_index.json").is_file() and (out / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=oct)
+def test_written_files_get_the_umask_permissions(golden, converted, tmp_path, umask):
+    root, _ = converted[CASES[0]]
+    previous = os.umask(umask)
+    try:
+        out = _convert(golden, root, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    modes = {str(path.relative_to(out)): path.stat().st_mode & 0o777 for path in out.rglob("*") if path.is_file()}
+    assert "transformer/diffusion_pytorch_model.safetensors" in modes and "pipeline.py" in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
+def test_help_shows_the_usage_example_line_by_line_and_every_default():
+    help_lines = [line.strip() for line in build_parser().format_help().splitlines()]
+    assert "hart-convert --checkpoint_path hart-0.7b-1024px \\" in help_lines
+    assert "--output_path hart-0.7b-1024px-diffusers" in help_lines
+    options = [action for action in build_parser()._actions if action.option_strings and action.dest != "help"]
+    assert all("(default: " in action.help or "(required)" in action.help for action in options)

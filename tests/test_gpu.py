@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import CASES
 
-from diffusers_hart import HARTPipeline
+from diffusers_hart.conversion import from_original
 from diffusers_hart.pipelines.hart.tiny import tiny_random_pipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -36,7 +36,7 @@ def test_tiny_pipeline_on_gpu(dtype, generator_device):
 
 def _released_pipe(golden, case, tmp_path):
     root = golden.released_layout(case, tmp_path / case)
-    pipe = HARTPipeline.from_original(root, golden.root / "text_encoder")
+    pipe = from_original(root, golden.root / "text_encoder")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -65,3 +65,21 @@ def test_model_cpu_offload_gives_the_same_images(golden, tmp_path):
     offloaded.enable_model_cpu_offload()
     torch.testing.assert_close(_generate(offloaded, meta).cpu(), on_gpu.cpu(), atol=1e-6, rtol=0)
     assert offloaded.vae.device.type == "cpu"  # offloaded again after decoding
+
+
+def test_sequential_cpu_offload_gives_the_same_images(golden, tmp_path):
+    meta = golden.case(CASES[0])
+    on_gpu = _generate(_released_pipe(golden, CASES[0], tmp_path / "a").to("cuda"), meta)
+    offloaded = _released_pipe(golden, CASES[0], tmp_path / "b")
+    offloaded.enable_sequential_cpu_offload()
+    assert offloaded.transformer.proj_out.weight.device.type == "meta"
+    torch.testing.assert_close(_generate(offloaded, meta).cpu(), on_gpu.cpu(), atol=1e-6, rtol=0)
+
+
+def test_fp8_layerwise_casting_runs_on_gpu():
+    pipe = tiny_random_pipeline().to("cuda", torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    for model in (pipe.transformer, pipe.vae):
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    images = pipe(["a cat", ""], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.dtype == torch.bfloat16 and torch.isfinite(images).all()

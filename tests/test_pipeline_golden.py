@@ -10,7 +10,7 @@ import torch
 from conftest import CASES
 
 import diffusers_hart.pipelines.hart.pipeline_hart as pipeline_module
-from diffusers_hart import HARTPipeline
+from diffusers_hart.conversion import from_original
 from diffusers_hart.pipelines.hart.sampling import RandomStreams
 
 
@@ -18,7 +18,7 @@ from diffusers_hart.pipelines.hart.sampling import RandomStreams
 def case_pipe(request, golden, tmp_path_factory):
     case = request.param
     root = golden.released_layout(case, tmp_path_factory.mktemp(case))
-    pipe = HARTPipeline.from_original(root, golden.root / "text_encoder")
+    pipe = from_original(root, golden.root / "text_encoder")
     pipe.set_progress_bar_config(disable=True)
     return case, pipe
 
@@ -38,7 +38,7 @@ def _generate_with_capture(pipe, meta, more_smooth, monkeypatch):
         return idx
 
     def record_fhat(pipe, stage_index, patch_num, kwargs):
-        captured["fhat"].append(kwargs["f_hat"].clone())
+        captured["fhat"].append(kwargs["latents"].clone())
         return {}
 
     def recording_residual(head, scheduler, condition, **kwargs):
@@ -72,7 +72,8 @@ def test_text_encoding(case_pipe, golden):
     golden.assert_close("text.input_ids", input_ids, expected["text.input_ids"])
     system_ids = pipe._tokenize([pipe.config.system_prompt], meta["max_token_length"], "longest")
     golden.assert_close("text.system_prompt_ids", system_ids, expected["text.system_prompt_ids"])
-    context, mask, position_ids = pipe.encode_prompt(meta["prompts"], device="cpu")
+    context, mask, _, _ = pipe.encode_prompt(meta["prompts"], device="cpu")
+    position_ids = pipeline_module._position_ids(mask)
     golden.assert_close("text.context_mask", mask, expected["text.context_mask"])
     golden.assert_close("text.context_position_ids", position_ids, expected["text.context_position_ids"])
     golden.assert_close("text.context", context, expected["text.context"])

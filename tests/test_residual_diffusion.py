@@ -120,7 +120,7 @@ def test_unguided_sampling_is_the_plain_ancestral_loop(golden):
     head = _head(golden, case)
     condition = golden.tensors(case)["gen.smooth0.diff.z"][:16]
     scheduler = HARTResidualDiffusionScheduler()
-    sample = sample_residual_tokens(head, scheduler, condition, 1.0, generator=torch.Generator().manual_seed(0))
+    sample = sample_residual_tokens(head, scheduler, condition, None, generator=torch.Generator().manual_seed(0))
 
     generator = torch.Generator().manual_seed(0)
     expected = torch.randn(16, LATENT_CHANNELS, generator=generator)

@@ -1,4 +1,9 @@
-"""`hart-generate`: one command from a prompt to a PNG."""
+"""`hart-generate`: one command from a prompt to a PNG.
+
+Errors the user can fix (bad arguments, a missing model folder, a Hub id not in the offline cache, a corrupt
+checkpoint, an input the pipeline refuses, `--device cuda` without CUDA) are one line on stderr with exit status 2;
+`--debug` shows their traceback.
+"""
 
 import argparse
 import logging
@@ -7,17 +12,48 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
+
+from ..utils import DTYPES
+from .parser import CommandParser
 
 TINY_RANDOM = "tiny-random"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 logger = logging.getLogger("hart-generate")
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type of counts: `int(text)`, refused below 1 (a count of 0 is never what was meant)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _device_name(text: str) -> str:
+    """argparse type of `--device`: 'auto' or a name `torch.device` accepts."""
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+    return text
+
+
 def _resolve_device(name: str) -> torch.device:
+    """The device to run on; refuses a CUDA device this machine lacks before any model is loaded."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -29,6 +65,11 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(model: str, dtype: torch.dtype):
+    """The tiny random-weight pipeline for `TINY_RANDOM`, else `HARTPipeline.from_pretrained(model)`.
+
+    A local path that does not exist raises `FileNotFoundError("no such folder: PATH")`, a Hub id missing from the
+    offline cache an `OSError`; the caller reports both as one-line errors.
+    """
     from ..pipelines import HARTPipeline
 
     if model == TINY_RANDOM:
@@ -40,31 +81,45 @@ def load_pipeline(model: str, dtype: torch.dtype):
     return HARTPipeline.from_pretrained(model, dtype=dtype)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hart-generate", description="Generate images with HART.")
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="hart-generate", description="Generate images with HART.")
     parser.add_argument("prompt", help="text prompt")
     parser.add_argument(
         "--model", default=TINY_RANDOM,
-        help=f"converted diffusers folder or Hub repo id; '{TINY_RANDOM}' (default) builds a tiny untrained model",
+        help=f"converted diffusers folder or Hub repo id; '{TINY_RANDOM}' builds a tiny untrained model "
+        "(default: %(default)s)",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance-scale", type=float, default=4.5)
-    parser.add_argument("--num-images", type=int, default=1, help="images of the prompt, saved as one grid")
-    parser.add_argument("--steps", type=int, default=None, help="residual-diffusion steps (default: the model's)")
-    parser.add_argument("--no-more-smooth", action="store_true", help="hard token sampling (the FID setting)")
-    parser.add_argument("--output", default="hart.png", help="PNG path")
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: %(default)s)")
+    parser.add_argument(
+        "--guidance-scale", type=float, default=4.5, help="classifier-free guidance scale (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--num-images", type=_at_least_one, default=1,
+        help="images of the prompt, saved as one grid (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--steps", type=_at_least_one, default=None,
+        help="residual-diffusion steps (default: the model's own count, 8 for HART)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-more-smooth", action="store_true",
+        help="feed hard codes instead of gumbel-softmax mixtures, as for the original's FID numbers (default: off)",
+    )  # fmt: skip
+    parser.add_argument("--output", default="hart.png", help="PNG path (default: %(default)s)")
+    parser.add_argument(
+        "--device", type=_device_name, default="auto",
+        help="'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:1', ... (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", *DTYPES],
+        help="'auto' is bf16 (or fp16) on CUDA and fp32 on CPU (default: %(default)s)",
+    )  # fmt: skip
     return parser
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
-    if args.num_images < 1:
-        print("hart-generate: --num-images must be at least 1", file=sys.stderr)
-        return 2
-    device = _resolve_device(args.device)
+def generate(args: argparse.Namespace) -> None:
+    """Run `hart-generate` with parsed arguments and save the PNG."""
+    device = _resolve_device(args.device)  # before loading: a wrong device should not cost a model load
     dtype = _resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, dtype).to(device)
     images = pipe(
@@ -88,7 +143,13 @@ def main(argv=None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     image.save(output)
     logger.info(f"Saved {output} ({image.width}x{image.height}, device {device}, dtype {dtype})")
-    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of `hart-generate`: returns 0, or exits with status 2 and a one-line error."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # transformers lets a corrupt text-encoder file's SafetensorError through; diffusers raises OSError for its own
+    return build_parser().run(generate, argv, expected=(OSError, ValueError, SafetensorError))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ def convert_diffusion_head_state_dict(
     state_dict: MutableMapping[str, torch.Tensor],
     prefix: str = "diffloss.net.",
     target_prefix: str = "diffusion_head.",
+    checkpoint: str = "HART checkpoint",
 ) -> Dict[str, torch.Tensor]:
     """
     Pops every key of HART's diffusion head out of `state_dict` and returns them under `HARTResidualDiffusionMLP`'s
@@ -23,12 +24,13 @@ def convert_diffusion_head_state_dict(
 
     The number of residual blocks is read from the keys; a block with any parameter missing raises
     `CheckpointKeyError`. Keys outside `prefix` are left in `state_dict` for the caller's other mappings, so this does
-    not check that the checkpoint is fully consumed.
+    not check that the checkpoint is fully consumed. `checkpoint` names where `state_dict` came from (its file) in
+    errors.
     """
     block_pattern = re.compile(re.escape(prefix) + r"res_blocks\.(\d+)\.")
     block_ids = {int(m.group(1)) for m in map(block_pattern.match, state_dict) if m}
     if not block_ids:
-        raise CheckpointKeyError(f"checkpoint has no diffusion-head residual blocks under {prefix!r}")
+        raise CheckpointKeyError(f"{checkpoint} has no diffusion-head residual blocks under {prefix!r}")
 
     mapping = _linear("time_embed.mlp.0", "time_embedding.linear_1")
     mapping += _linear("time_embed.mlp.2", "time_embedding.linear_2")
@@ -42,5 +44,5 @@ def convert_diffusion_head_state_dict(
     return move_keys(
         state_dict,
         [(prefix + old, target_prefix + new) for old, new in mapping],
-        checkpoint=f"HART diffusion head ({prefix}*)",
+        checkpoint=f"{checkpoint} (diffusion head, {prefix}*)",
     )

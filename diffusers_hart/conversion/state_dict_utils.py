@@ -1,10 +1,12 @@
-"""Strict, explicit state-dict renaming used by every converter.
+"""Strict, explicit state-dict renaming used by every converter, and the loaders of a release's files.
 
 Converters pop each source key into its new name, so after all mappings have run the
 source must be empty; anything left (or anything a mapping expected but did not find)
-is an error that names the key. Nothing is silently dropped or guessed.
+is an error that names the key and the file it was read from. Nothing is silently dropped or guessed.
+A file that cannot be read is an error that names the file.
 """
 
+import json
 from pathlib import Path
 from typing import Dict, Iterable, MutableMapping, Sequence, Tuple
 
@@ -65,12 +67,32 @@ def ensure_consumed(source: MutableMapping[str, torch.Tensor], *, checkpoint: st
         )
 
 
-def load_checkpoint_file(folder: Path, candidates: Sequence[str]) -> Dict[str, torch.Tensor]:
-    """Load the first of `candidates` found in `folder`: safetensors, or a pickle read with `weights_only=True`."""
+def find_checkpoint_file(folder: Path, candidates: Sequence[str]) -> Path:
+    """The first of the file names `candidates` present in `folder`."""
     for name in candidates:
         path = Path(folder) / name
         if path.is_file():
-            if path.suffix == ".safetensors":
-                return load_file(str(path))
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            return path
     raise FileNotFoundError(f"none of {list(candidates)} found in {folder}")
+
+
+def load_checkpoint_file(path: Path) -> Dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a pickle read with `weights_only=True`.
+
+    Raises `ValueError` naming the file if it cannot be read: the loaders raise assorted types for a truncated or
+    corrupt file (safetensors' `SafetensorError`, pickle and zip errors from `torch.load`) and none names it.
+    """
+    try:
+        if Path(path).suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read the checkpoint file {path}: {error}") from error
+
+
+def load_config_file(path: Path) -> dict:
+    """A release's `config.json`; raises `ValueError` naming the file if it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"cannot read the config file {path}: {error}") from error

@@ -4,14 +4,20 @@ The release stores `config.json` (a transformers `HARTAutoEncoderWithDiscConfig`
 autoencoder under `vae.*` and the training discriminator under `disc.*`.
 """
 
-import json
 from pathlib import Path
 from typing import Dict, Tuple, Union
 
 import torch
 
 from ..models.autoencoders import HARTAutoEncoder
-from .state_dict_utils import ensure_consumed, load_checkpoint_file, move_keys, move_prefixed
+from .state_dict_utils import (
+    ensure_consumed,
+    find_checkpoint_file,
+    load_checkpoint_file,
+    load_config_file,
+    move_keys,
+    move_prefixed,
+)
 
 
 # Original config field -> HARTAutoEncoder config field.
@@ -85,13 +91,14 @@ def _quant_resi_names(original_config: dict, num_convs: int) -> list:
 
 
 def convert_tokenizer_checkpoint(
-    original_config: dict, state_dict: Dict[str, torch.Tensor]
+    original_config: dict, state_dict: Dict[str, torch.Tensor], checkpoint: str = "HART tokenizer checkpoint"
 ) -> Tuple[dict, Dict[str, torch.Tensor]]:
     """Translate the original tokenizer config and weights to `HARTAutoEncoder`'s.
 
     Args:
         original_config (`dict`): Content of the release's `config.json`.
         state_dict (`Dict[str, torch.Tensor]`): The release's weights (`vae.*` and `disc.*`); not modified.
+        checkpoint (`str`): Where `state_dict` came from (its file), named by key errors.
 
     Returns:
         `(config, state_dict)` for `HARTAutoEncoder(**config).load_state_dict(state_dict, strict=True)`.
@@ -100,7 +107,6 @@ def convert_tokenizer_checkpoint(
         `ValueError` naming an unsupported or unknown config option; `CheckpointKeyError` naming missing or
         unconsumed weights.
     """
-    checkpoint = "HART tokenizer checkpoint"
     config = _translate_config(original_config)
     prefix = _MODEL_TYPES[original_config.get("model_type", "hart_autoencoder_with_disc")]
     source = dict(state_dict)
@@ -132,10 +138,10 @@ def load_tokenizer_folder(path: Union[str, Path]) -> HARTAutoEncoder:
 
     The folder holds `config.json` and `model.safetensors` (or `pytorch_model.bin`).
     """
-    path = Path(path)
-    original_config = json.loads((path / "config.json").read_text())
-    state_dict = load_checkpoint_file(path, ["model.safetensors", "pytorch_model.bin"])
-    config, converted = convert_tokenizer_checkpoint(original_config, state_dict)
+    original_config = load_config_file(Path(path) / "config.json")
+    weights_file = find_checkpoint_file(path, ["model.safetensors", "pytorch_model.bin"])
+    weights = load_checkpoint_file(weights_file)
+    config, converted = convert_tokenizer_checkpoint(original_config, weights, checkpoint=str(weights_file))
     model = HARTAutoEncoder(**config)
     model.load_state_dict(converted, strict=True)
     return model.eval()

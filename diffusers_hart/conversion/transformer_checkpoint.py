@@ -102,7 +102,10 @@ def _block_mapping(index: int, block_conditioning: str):
 
 
 def convert_transformer_state_dict(state_dict: Dict[str, torch.Tensor], config: dict, checkpoint: str) -> Dict[str, torch.Tensor]:
-    """Map every key of a HARTForT2I state dict; fail on a missing or an unconsumed key."""
+    """Map every key of a HARTForT2I state dict; fail on a missing or an unconsumed key.
+
+    `checkpoint` names where `state_dict` came from (its file) in those errors.
+    """
     source = dict(state_dict)
     mapping = [
         ("word_embed.weight", "latent_embed.weight"),
@@ -130,7 +133,7 @@ def convert_transformer_state_dict(state_dict: Dict[str, torch.Tensor], config: 
     for index in range(config["num_layers"]):
         mapping += _block_mapping(index, config["block_conditioning"])
     converted = move_keys(source, mapping, checkpoint=checkpoint)
-    converted.update(convert_diffusion_head_state_dict(source))
+    converted.update(convert_diffusion_head_state_dict(source, checkpoint=checkpoint))
 
     # Buffers the original stores but this port derives: the level ids and training mask are rebuilt from
     # the config, and the k bias is identically zero.

@@ -71,8 +71,8 @@ class HARTLevelEmbedding(nn.Module):
         else:
             self.table = nn.Embedding(num_levels, dim)
 
-    def forward(self, level_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, level_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Embeddings of `level_ids` in `dtype`, the model's compute dtype (which the weights' storage dtype need not be)."""
         if not self.sinusoidal:
             return self.table(level_ids)
-        weight = self.time_embedding.linear_1.weight
-        return self.time_embedding(self.time_proj(level_ids).to(weight.dtype))
+        return self.time_embedding(self.time_proj(level_ids).to(dtype))

@@ -18,9 +18,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-
-def _modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return hidden_states * (1 + scale) + shift
+from ..ops import modulate
 
 
 class HARTResidualBlock(nn.Module):
@@ -35,7 +33,7 @@ class HARTResidualBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, activated_emb: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.modulation(activated_emb).chunk(3, dim=-1)
-        residual = self.linear_2(F.silu(self.linear_1(_modulate(self.norm(hidden_states), shift, scale))))
+        residual = self.linear_2(F.silu(self.linear_1(modulate(self.norm(hidden_states), scale, shift))))
         return hidden_states + gate * residual
 
 
@@ -100,4 +98,4 @@ class HARTResidualDiffusionMLP(nn.Module):
         for block in self.res_blocks:
             hidden_states = block(hidden_states, activated_emb)
         shift, scale = self.modulation_out(activated_emb).chunk(2, dim=-1)
-        return self.proj_out(_modulate(self.norm_out(hidden_states), shift, scale))
+        return self.proj_out(modulate(self.norm_out(hidden_states), scale, shift))

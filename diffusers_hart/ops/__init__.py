@@ -4,7 +4,8 @@ Each op has one entry point here. The torch implementations are the reference ev
 fused kernel is tested against; fused versions plug in behind the same functions.
 """
 
+from .modulate import modulate
 from .rms_norm import rms_norm
 from .rotary import apply_rotary_emb
 
-__all__ = ["apply_rotary_emb", "rms_norm"]
+__all__ = ["apply_rotary_emb", "modulate", "rms_norm"]

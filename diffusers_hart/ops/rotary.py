@@ -11,6 +11,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary_emb(
     query_BHLc: torch.Tensor, key_BHLc: torch.Tensor, cos_BLc: torch.Tensor, sin_BLc: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rotate queries and keys by `(cos, sin)` of shape (B, L, head_dim), pairing dim j with j + head_dim/2."""
+    """Rotate queries and keys by `(cos, sin)` of shape (B, L, head_dim), pairing dim j with j + head_dim/2.
+
+    The tables stay float32 and the rotation runs in float32, as in the original (its tables are never cast):
+    queries and keys are rounded to the model dtype once, after the rotation, not also through rounded
+    cos/sin entries. The rotated tensors come back in the input dtype.
+    """
     cos, sin = cos_BLc.unsqueeze(1), sin_BLc.unsqueeze(1)
-    return query_BHLc * cos + _rotate_half(query_BHLc) * sin, key_BHLc * cos + _rotate_half(key_BHLc) * sin
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x_f32 = x.float()
+        return (x_f32 * cos + _rotate_half(x_f32) * sin).to(x.dtype)
+
+    return rotate(query_BHLc), rotate(key_BHLc)

@@ -11,9 +11,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, EncoderOutput
-from diffusers.models.modeling_utils import ModelMixin
+
+# A saved pipeline names this module as the component's library, and diffusers finds how to load a component of a
+# library outside diffusers by looking its base classes up by name in that module: `ModelMixin` must be bound here.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
+from ..modeling_utils import HARTModelMixin
 from .hybrid_quantizer import HARTHybridQuantizer
 
 
@@ -122,7 +126,21 @@ class _MidStage(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
-class HARTEncoder(nn.Module):
+class _CheckpointedStages(nn.Module):
+    """Base of the encoder and decoder: runs their resolution levels and mid stage through the checkpoint function
+    that `ModelMixin.enable_gradient_checkpointing` sets, as diffusers' VAEs do; those hold nearly all activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.gradient_checkpointing = False
+
+    def _run_stage(self, stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(stage, h)
+        return stage(h)
+
+
+class HARTEncoder(_CheckpointedStages):
     def __init__(
         self, in_channels: int, z_channels: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int, dropout: float
     ):
@@ -142,12 +160,12 @@ class HARTEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            h = level(h)
-        h = self.mid(h)
+            h = self._run_stage(level, h)
+        h = self._run_stage(self.mid, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class HARTDecoder(nn.Module):
+class HARTDecoder(_CheckpointedStages):
     def __init__(
         self, out_channels: int, z_channels: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int, dropout: float
     ):
@@ -169,13 +187,13 @@ class HARTDecoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        h = self._run_stage(self.mid, self.conv_in(z))
         for level in reversed(self.up):
-            h = level(h)
+            h = self._run_stage(level, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class HARTAutoEncoder(ModelMixin, ConfigMixin):
+class HARTAutoEncoder(HARTModelMixin, ConfigMixin):
     r"""
     The HART tokenizer: encoder, hybrid multi-scale quantizer and decoder.
 
@@ -204,6 +222,8 @@ class HARTAutoEncoder(ModelMixin, ConfigMixin):
             stage).
         beta (`float`, defaults to 0.25): Commitment weight of the training VQ loss.
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(

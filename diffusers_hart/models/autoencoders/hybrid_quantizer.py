@@ -7,7 +7,7 @@ What remains after the discrete last scale is the continuous residual that HART'
 head models; discrete codes plus that residual give back `f` exactly.
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -82,13 +82,24 @@ class HARTHybridQuantizer(nn.Module):
         margin = 1 / 3 / num_convs if num_convs == 4 else 1 / 2 / num_convs
         self._ticks = np.linspace(margin, 1 - margin, num_convs)
         self.embedding = nn.Embedding(vocab_size, z_channels)
+        # The ids of all codes, for `codebook`: as a buffer they follow the module to its device, and they stay real
+        # where offloading leaves the weights on the meta device until the embedding's own hook brings them.
+        self.register_buffer("code_ids", torch.arange(vocab_size), persistent=False)
 
     def _refine(self, h_BChw: torch.Tensor, stage_index: int, num_stages: int) -> torch.Tensor:
         ratio = stage_index / (num_stages - 1)
         return self.quant_resi[int(np.argmin(np.abs(self._ticks - ratio)))](h_BChw)
 
+    def codebook(self) -> torch.Tensor:
+        """The (vocab_size, z_channels) code vectors, in the dtype the embedding computes in.
+
+        They go through the embedding's forward instead of reading `embedding.weight`, so that hooks on it apply:
+        under diffusers' layerwise casting the weight is stored in e.g. float8 and only its forward upcasts it.
+        """
+        return self.embedding(self.code_ids)
+
     def _nearest_code(self, z_NC: torch.Tensor) -> torch.Tensor:
-        codebook_VC = self.embedding.weight.detach()
+        codebook_VC = self.codebook().detach()
         # Same expansion and op order as the original so that near-ties pick the same entry.
         dist_NV = z_NC.square().sum(dim=1, keepdim=True) + codebook_VC.square().sum(dim=1)
         return torch.addmm(dist_NV, z_NC, codebook_VC.T, alpha=-2).argmin(dim=1)
@@ -107,6 +118,24 @@ class HARTHybridQuantizer(nn.Module):
     ) -> torch.Tensor:
         h_BChw = _resize(tokens_BChw, side, "bicubic")
         return self._refine(h_BChw, stage_index, num_stages) if refine else h_BChw
+
+    def _accumulated_fhats(
+        self, indices: Sequence[torch.LongTensor], patch_nums: Tuple[int, ...], refine_last_scale: bool
+    ) -> Iterator[torch.Tensor]:
+        """`f_hat` after each stage of `indices`.
+
+        The sum starts from the first stage's map, not from zeros whose dtype would have to be read off the weights
+        (their storage dtype under layerwise casting). That map is made contiguous, as a sum starting from zeros is:
+        a code map comes out channels-last, every later sum would keep that layout, and the decoder's convolutions
+        round differently on it.
+        """
+        num_stages, side = len(patch_nums), patch_nums[-1]
+        f_hat = None
+        for si, (indices_Bl, pn) in enumerate(zip(indices, patch_nums)):
+            refine = refine_last_scale or si < num_stages - 1
+            h_BChw = self._stage_contribution(self._code_map(indices_Bl, pn), si, num_stages, side, refine)
+            f_hat = h_BChw.contiguous() if f_hat is None else f_hat + h_BChw
+            yield f_hat
 
     @torch.no_grad()
     def latent_to_indices(
@@ -152,12 +181,7 @@ class HARTHybridQuantizer(nn.Module):
             patch_nums (`Sequence[int]`, *optional*): Stage sides; defaults to the quantizer's.
         """
         patch_nums = tuple(patch_nums or self.patch_nums)
-        num_stages = len(patch_nums)
-        side = patch_nums[-1]
-        f_hat = self.embedding.weight.new_zeros(indices[0].shape[0], self.z_channels, side, side)
-        for si, (indices_Bl, pn) in enumerate(zip(indices, patch_nums)):
-            refine = refine_last_scale or si < num_stages - 1
-            f_hat = f_hat + self._stage_contribution(self._code_map(indices_Bl, pn), si, num_stages, side, refine)
+        *_, f_hat = self._accumulated_fhats(indices, patch_nums, refine_last_scale)
         return f_hat
 
     def teacher_forcing_input(
@@ -174,15 +198,9 @@ class HARTHybridQuantizer(nn.Module):
             `torch.Tensor` of shape (B, sum(pn*pn for pn in patch_nums[1:]), Cvae).
         """
         patch_nums = tuple(patch_nums or self.patch_nums)
-        num_stages = len(patch_nums)
-        side = patch_nums[-1]
-        f_hat = self.embedding.weight.new_zeros(indices[0].shape[0], self.z_channels, side, side)
-        stage_inputs = []
-        for si in range(num_stages - 1):
-            tokens_BChw = self._code_map(indices[si], patch_nums[si])
-            f_hat = f_hat + self._stage_contribution(tokens_BChw, si, num_stages, side, True)
-            stage_inputs.append(_resize(f_hat, patch_nums[si + 1], "area").flatten(2).transpose(1, 2))
-        return torch.cat(stage_inputs, dim=1)
+        f_hats = self._accumulated_fhats(indices[: len(patch_nums) - 1], patch_nums, refine_last_scale=True)
+        stage_inputs = [_resize(f_hat, next_pn, "area") for f_hat, next_pn in zip(f_hats, patch_nums[1:])]
+        return torch.cat([x_BChw.flatten(2).transpose(1, 2) for x_BChw in stage_inputs], dim=1)
 
     def next_autoregressive_input(
         self,

@@ -15,11 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
+# diffusers loads a component of a library outside diffusers by looking its base classes up by name in the module
+# that `model_index.json` names: `ModelMixin` must be bound here.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.utils import BaseOutput
 
-from ...ops import apply_rotary_emb, rms_norm
+from ...ops import apply_rotary_emb, modulate, rms_norm
 from ..embeddings import HARTLevelEmbedding, image_token_grid, image_token_positions, rotary_1d, rotary_2d
+from ..modeling_utils import HARTModelMixin
 from ..residual_diffusion import HARTResidualDiffusionMLP
 from .kv_cache import HARTKVCache
 
@@ -39,8 +42,9 @@ class HARTTransformerOutput(BaseOutput):
             The cache passed in, holding this call's keys and values too.
     """
 
-    logits: torch.Tensor
-    hidden_states: torch.Tensor
+    # defaults, as diffusers' outputs have, so that accelerate's offload hooks can rebuild the output from a dict
+    logits: torch.Tensor = None
+    hidden_states: torch.Tensor = None
     kv_cache: Optional[HARTKVCache] = None
 
 
@@ -78,8 +82,9 @@ class HARTAttention(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, L, C = hidden_states.shape
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(hidden_states, self.to_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        # through the module (not F.linear on its weight) so that hooks such as layerwise casting apply
+        qkv = self.to_qkv(hidden_states) + torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B H L c
         query, key = apply_rotary_emb(query, key, *rotary_emb)
         if kv_cache is not None:
@@ -144,9 +149,9 @@ class HARTTransformerBlock(nn.Module):
             hidden_states = hidden_states + self.attn(self.norm(hidden_states), **attn_kwargs)
             return hidden_states + self.ff(self.norm(hidden_states))
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(pooled_condition).unsqueeze(2).unbind(1)
-        attn_out = self.attn(self.norm(hidden_states) * (1 + scale1) + shift1, **attn_kwargs)
+        attn_out = self.attn(modulate(self.norm(hidden_states), scale1, shift1), **attn_kwargs)
         hidden_states = hidden_states + attn_out * gamma1
-        ff_out = self.ff(self.norm(hidden_states) * (1 + scale2) + shift2)
+        ff_out = self.ff(modulate(self.norm(hidden_states), scale2, shift2))
         return hidden_states + ff_out * gamma2
 
 
@@ -161,7 +166,7 @@ class HARTAdaLayerNormOut(nn.Module):
     def forward(self, hidden_states: torch.Tensor, condition_BLD: torch.Tensor) -> torch.Tensor:
         pooled = condition_BLD.max(dim=1).values
         scale, shift = self.linear(F.silu(pooled)).view(-1, 2, hidden_states.shape[-1]).unsqueeze(2).unbind(1)
-        return self.norm(hidden_states) * (1 + scale) + shift
+        return modulate(self.norm(hidden_states), scale, shift)
 
 
 def pool_condition(condition_BLD: torch.Tensor, mask_BL: torch.Tensor, mode: str) -> torch.Tensor:
@@ -173,7 +178,7 @@ def pool_condition(condition_BLD: torch.Tensor, mask_BL: torch.Tensor, mode: str
     return (condition_BLD * mask / mask.sum(dim=1, keepdim=True).clamp(min=1)).sum(dim=1)
 
 
-class HARTTransformer2DModel(ModelMixin, ConfigMixin):
+class HARTTransformer2DModel(HARTModelMixin, ConfigMixin):
     r"""
     The HART text-to-image transformer with its residual-diffusion head.
 
@@ -296,7 +301,7 @@ class HARTTransformer2DModel(ModelMixin, ConfigMixin):
 
     def embed_context(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, ctx, context_dim) text hidden states -> (B, ctx, C) condition tokens."""
-        return self.context_embed(self.context_norm(encoder_hidden_states.to(self.context_embed.weight.dtype)))
+        return self.context_embed(self.context_norm(encoder_hidden_states.to(self.dtype)))
 
     def residual_condition(self, hidden_states: torch.Tensor, token_vectors: torch.Tensor) -> torch.Tensor:
         """Condition of the diffusion head: last-scale hidden states plus the embedded sampled code vectors."""
@@ -359,7 +364,7 @@ class HARTTransformer2DModel(ModelMixin, ConfigMixin):
                 tokens = tokens[keep].view(B, -1, tokens.shape[-1])
             num_tokens = tokens.shape[1]
             level_ids = self.level_ids[:num_tokens]
-            tokens = tokens + self.level_embed(level_ids)
+            tokens = tokens + self.level_embed(level_ids, tokens.dtype)
             cos_c, sin_c = rotary_1d(encoder_position_ids, self.head_dim, self.config.rope_theta)
             image_keep = None if keep is None else keep[:, self.config.context_length :]
             cos_i, sin_i = self._image_rotary(slice(None), offset_B, image_keep)
@@ -369,7 +374,7 @@ class HARTTransformer2DModel(ModelMixin, ConfigMixin):
             if kv_cache is None:
                 raise ValueError("stage-by-stage inference (stage_index set) needs a kv_cache")
             start, end = self.stage_starts[stage_index], self.stage_starts[stage_index + 1]
-            level_embedding = self.level_embed(self.level_ids[start:end])
+            level_embedding = self.level_embed(self.level_ids[start:end], condition_BLD.dtype)
             if stage_index == 0:
                 tokens = condition_BLD + level_embedding
                 rotary_emb = rotary_1d(encoder_position_ids, self.head_dim, self.config.rope_theta)
@@ -377,7 +382,6 @@ class HARTTransformer2DModel(ModelMixin, ConfigMixin):
                 tokens = self.latent_embed(latent_tokens) + level_embedding
                 ctx = self.config.context_length
                 rotary_emb = self._image_rotary(slice(start - ctx, end - ctx), offset_B)
-        rotary_emb = tuple(t.to(tokens.dtype) for t in rotary_emb)
 
         # 2. blocks
         pooling = "avg" if self.config.block_conditioning == "adaln_single" else self.config.adaln_pooling

@@ -1,6 +1,8 @@
 """HARTPipeline: text-to-image generation with the Hybrid Autoregressive Transformer."""
 
 import copy
+import itertools
+import math
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -9,12 +11,14 @@ import torch.nn.functional as F
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
-from diffusers.utils import logging
+from diffusers.utils import logging, replace_example_docstring
+from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...models.autoencoders import HARTAutoEncoder
 from ...models.transformers import HARTTransformer2DModel
 from ...schedulers import HARTResidualDiffusionScheduler
+from ...utils import existing_folder, names_local_path
 from .residual_sampling import sample_residual_tokens
 from .sampling import (
     GeneratorArg,
@@ -33,7 +37,7 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from diffusers_hart import HARTPipeline
 
-        >>> pipe = HARTPipeline.from_pretrained("path/to/hart-0.7b-1024px-diffusers", dtype=torch.float16)
+        >>> pipe = HARTPipeline.from_pretrained("path/to/hart-0.7b-1024px-diffusers", dtype=torch.bfloat16)
         >>> pipe.to("cuda")
         >>> image = pipe("An astronaut riding a horse on the moon", generator=torch.Generator().manual_seed(1)).images[0]
         >>> image.save("astronaut.png")
@@ -41,6 +45,18 @@ EXAMPLE_DOC_STRING = """
 """
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Characters of truncated prompt text quoted in the warning: enough to recognise it, not a page of text.
+TRUNCATION_QUOTE_CHARS = 200
+
+
+def _position_ids(attention_mask_BL: torch.Tensor) -> torch.LongTensor:
+    """Text RoPE positions `cumsum(mask) - 1`: 0..n-1, then n-1 on pads (an all-pad prompt gets -1 everywhere)."""
+    return attention_mask_BL.long().cumsum(dim=1) - 1
+
+
+def _is_sequentially_offloaded(module: torch.nn.Module) -> bool:
+    """Whether accelerate hooks bring this module's weights to the device at every forward (sequential offload)."""
+    return any(hasattr(submodule, "_hf_hook") for submodule in module.modules())
 
 
 class HARTPipeline(DiffusionPipeline):
@@ -71,7 +87,7 @@ class HARTPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
-    _callback_tensor_inputs = ["f_hat"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
     def __init__(
         self,
@@ -91,34 +107,54 @@ class HARTPipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** (len(vae.config.ch_mult) - 1) if vae is not None else 16
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    # ------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------ loading and placement
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs):
         """Load a converted HART folder, or a Hub repo id holding one (downloaded first, then loaded locally).
 
         diffusers only downloads components whose library it knows, so a Hub id is fetched here with
         `huggingface_hub.snapshot_download` and the local folder is loaded.
+
+        Raises:
+            `FileNotFoundError`: the argument names a local path (absolute, `./`, `~`, or inside an existing folder)
+                that does not exist, or a Hub id that is not in the local cache while offline.
         """
-        path = str(pretrained_model_name_or_path)
-        if not os.path.isdir(path):
+        path = os.fspath(pretrained_model_name_or_path)
+        if names_local_path(path) or os.path.isdir(path):
+            path = str(existing_folder(path))
+        else:
             from huggingface_hub import snapshot_download
 
             download_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
-            path = snapshot_download(path, **{k: kwargs.pop(k) for k in download_keys if k in kwargs})
+            try:
+                path = snapshot_download(path, **{k: kwargs.pop(k) for k in download_keys if k in kwargs})
+            except LocalEntryNotFoundError:
+                raise FileNotFoundError(
+                    f"{path} is not in the local Hugging Face cache and the Hub cannot be reached (offline); "
+                    "download it with `huggingface-cli download` while online, or convert a released checkpoint "
+                    "with `hart-convert` and pass the folder"
+                ) from None
         return super().from_pretrained(path, **kwargs)
 
-    @classmethod
-    def from_original(
-        cls,
-        checkpoint_path: Union[str, os.PathLike],
-        text_encoder_path: Union[str, os.PathLike],
-        use_ema: bool = True,
-        dtype: Optional[torch.dtype] = None,
-    ) -> "HARTPipeline":
-        """Build the pipeline straight from the original release's folders (`llm/`, `tokenizer/`) and a Qwen2 folder."""
-        from ...conversion.convert_hart_to_diffusers import build_pipeline_from_original
+    def to(self, *args, **kwargs):
+        """`DiffusionPipeline.to`, keeping the text encoder's rotary frequencies in float32 across dtype casts.
 
-        return build_pipeline_from_original(checkpoint_path, text_encoder_path, use_ema=use_ema, dtype=dtype)
+        `from_pretrained(dtype=...)` leaves transformers' `inv_freq` buffers in float32; a plain module cast would
+        round them too, and the two ways of asking for one dtype would give different images. The diffusers
+        warning that float16 "cannot run" on CPU is silenced: every op of this pipeline has CPU float16 kernels.
+        """
+        encoder = self.text_encoder
+        saved = {}
+        if encoder is not None:
+            saved = {name: b.clone() for name, b in encoder.named_buffers() if name.endswith("inv_freq")}
+        kwargs.setdefault("silence_dtype_warnings", True)
+        super().to(*args, **kwargs)
+        for name, buffer in saved.items():
+            owner, attribute = encoder.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            current = getattr(owner, attribute)
+            if current.device.type != "meta":
+                setattr(owner, attribute, buffer.to(current.device))
+        return self
 
     # ------------------------------------------------------------------ properties
     @property
@@ -129,6 +165,11 @@ class HARTPipeline(DiffusionPipeline):
     @property
     def guidance_scale(self):
         return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        # HART guides with (1 + g) * cond - g * uncond: g = 0 is the purely conditional model
+        return self._guidance_scale != 0
 
     @property
     def num_timesteps(self):
@@ -144,50 +185,92 @@ class HARTPipeline(DiffusionPipeline):
             texts, padding=padding, max_length=max_length, truncation=True, return_tensors="pt"
         ).input_ids
 
+    def _context_length(self, max_sequence_length: Optional[int]) -> int:
+        if self.transformer is not None:
+            return self.transformer.config.context_length
+        if max_sequence_length is None:
+            raise ValueError(
+                "This pipeline has no transformer to read the context length from; pass `max_sequence_length`."
+            )
+        return max_sequence_length
+
+    def _encode_texts(self, prompts: List[str], max_length: int, use_system_prompt: bool, device):
+        input_ids = self._tokenize(prompts, max_length, "max_length")
+        untruncated = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+        if untruncated.shape[-1] > max_length:
+            removed = " | ".join(self.tokenizer.batch_decode(untruncated[:, max_length:], skip_special_tokens=True))
+            if len(removed) > TRUNCATION_QUOTE_CHARS:
+                removed = removed[:TRUNCATION_QUOTE_CHARS] + "..."
+            logger.warning(
+                f"The following part of your input was truncated because the context holds only {max_length} "
+                f"tokens: {removed!r}"
+            )
+        attention_mask = input_ids != self.tokenizer.pad_token_id
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        text_ids, text_mask = input_ids, attention_mask
+        if use_system_prompt and self.config.system_prompt:
+            system_ids = self._tokenize([self.config.system_prompt], max_length, "longest").to(device)
+            system_ids = system_ids.expand(input_ids.shape[0], -1)
+            text_ids = torch.cat([system_ids, input_ids], dim=1)
+            text_mask = torch.cat([torch.ones_like(system_ids, dtype=torch.bool), attention_mask], dim=1)
+        hidden = self.text_encoder(text_ids, attention_mask=text_mask.long(), output_hidden_states=True).hidden_states[-1]
+        return hidden[:, text_ids.shape[1] - input_ids.shape[1] :].float(), attention_mask
+
     def encode_prompt(
         self,
-        prompt: Union[str, List[str]],
-        device: Optional[torch.device] = None,
+        prompt: Union[str, List[str], None],
+        negative_prompt: Optional[Union[str, List[str]]] = None,
+        do_classifier_free_guidance: bool = True,
         num_images_per_prompt: int = 1,
-        use_system_prompt: bool = True,
-        max_sequence_length: Optional[int] = None,
+        device: Optional[torch.device] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
         prompt_attention_mask: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode prompts into the text context.
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_attention_mask: Optional[torch.Tensor] = None,
+        use_system_prompt: bool = True,
+        max_sequence_length: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Encode prompts into the text context of the conditional and unconditional branches.
 
-        Returns `(prompt_embeds, prompt_attention_mask, prompt_position_ids)`, each repeated `num_images_per_prompt`
-        times: embeddings (B, L, D) in float32, the boolean mask of non-pad tokens and the RoPE position ids
-        `cumsum(mask) - 1` (so an empty prompt gets -1 everywhere, as in the original).
+        Needs only the tokenizer and the text encoder (pass `max_sequence_length` when the pipeline has no
+        transformer). The outputs passed to `__call__` under the same names reproduce its images.
+
+        Returns:
+            `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)`, each
+            repeated `num_images_per_prompt` times: float32 embeddings (B, L, D) and boolean masks of the non-pad
+            tokens. Without `negative_prompt` the unconditional branch is the original's zero context (all-zero
+            embeddings, a mask with only its first token set). The negatives are `None` when
+            `do_classifier_free_guidance` is False.
         """
         device = device or self._execution_device
-        max_length = max_sequence_length or self.transformer.config.context_length
+        max_length = self._context_length(max_sequence_length)
+        repeat = lambda t: t.repeat_interleave(num_images_per_prompt, dim=0)  # noqa: E731
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            input_ids = self._tokenize(prompts, max_length, "max_length")
-            untruncated = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-            if untruncated.shape[-1] > max_length:
-                removed = self.tokenizer.batch_decode(untruncated[:, max_length:])
-                logger.warning(
-                    f"The following part of your input was truncated because the context holds only {max_length} "
-                    f"tokens: {removed}"
+            prompt_embeds, prompt_attention_mask = self._encode_texts(prompts, max_length, use_system_prompt, device)
+        prompt_embeds = repeat(prompt_embeds.to(device))
+        prompt_attention_mask = repeat(prompt_attention_mask.to(device=device, dtype=torch.bool))
+        if not do_classifier_free_guidance:
+            return prompt_embeds, prompt_attention_mask, None, None
+
+        if negative_prompt_embeds is None and negative_prompt is not None:
+            num_prompts = prompt_embeds.shape[0] // num_images_per_prompt
+            negatives = [negative_prompt] * num_prompts if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != num_prompts:
+                raise ValueError(
+                    f"`negative_prompt` has {len(negatives)} entries for {num_prompts} prompts; give one per prompt."
                 )
-            prompt_attention_mask = input_ids != self.tokenizer.pad_token_id
-            input_ids, prompt_attention_mask = input_ids.to(device), prompt_attention_mask.to(device)
-            text_ids, text_mask = input_ids, prompt_attention_mask
-            if use_system_prompt and self.config.system_prompt:
-                system_ids = self._tokenize([self.config.system_prompt], max_length, "longest").to(device)
-                system_ids = system_ids.expand(input_ids.shape[0], -1)
-                text_ids = torch.cat([system_ids, input_ids], dim=1)
-                text_mask = torch.cat([torch.ones_like(system_ids, dtype=torch.bool), prompt_attention_mask], dim=1)
-            hidden = self.text_encoder(
-                text_ids, attention_mask=text_mask.long(), output_hidden_states=True
-            ).hidden_states[-1]
-            prompt_embeds = hidden[:, text_ids.shape[1] - input_ids.shape[1] :].float()
-        prompt_attention_mask = prompt_attention_mask.to(device=device, dtype=torch.bool)
-        prompt_position_ids = prompt_attention_mask.long().cumsum(dim=1) - 1
-        repeat = lambda t: t.repeat_interleave(num_images_per_prompt, dim=0)  # noqa: E731
-        return repeat(prompt_embeds.to(device)), repeat(prompt_attention_mask), repeat(prompt_position_ids)
+            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_texts(
+                negatives, max_length, use_system_prompt, device
+            )
+        if negative_prompt_embeds is None:
+            # the original's unconditional branch: zero context, only the first token "real" (positions all 0)
+            negative_prompt_attention_mask = torch.zeros_like(prompt_attention_mask)
+            negative_prompt_attention_mask[:, 0] = True
+            return prompt_embeds, prompt_attention_mask, torch.zeros_like(prompt_embeds), negative_prompt_attention_mask
+        negative_prompt_embeds = repeat(negative_prompt_embeds.to(device))
+        negative_prompt_attention_mask = repeat(negative_prompt_attention_mask.to(device=device, dtype=torch.bool))
+        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
 
     # ------------------------------------------------------------------ checks
     def check_inputs(
@@ -200,9 +283,14 @@ class HARTPipeline(DiffusionPipeline):
         top_p,
         output_type,
         num_images_per_prompt=1,
+        generator=None,
+        num_inference_steps=None,
+        max_sequence_length=None,
         prompt_embeds=None,
         prompt_attention_mask=None,
         negative_prompt=None,
+        negative_prompt_embeds=None,
+        negative_prompt_attention_mask=None,
         callback_on_step_end_tensor_inputs=None,
     ):
         if (height, width) != self.supported_size:
@@ -214,23 +302,65 @@ class HARTPipeline(DiffusionPipeline):
             raise ValueError("Provide either `prompt` or `prompt_embeds`.")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Provide only one of `prompt` and `prompt_embeds`.")
-        if prompt is not None:
-            if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)):
-                raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt)}.")
-            if isinstance(prompt, list) and len(prompt) == 0:
-                raise ValueError("`prompt` is an empty list; pass at least one prompt (an empty string is allowed).")
-        if prompt_embeds is not None:
-            expected = (self.transformer.config.context_length, self.transformer.config.context_dim)
-            if prompt_embeds.ndim != 3 or tuple(prompt_embeds.shape[1:]) != expected:
-                raise ValueError(f"`prompt_embeds` must have shape (batch, {expected[0]}, {expected[1]}), got {tuple(prompt_embeds.shape)}.")
-            if prompt_attention_mask is None or prompt_attention_mask.shape != prompt_embeds.shape[:2]:
-                raise ValueError("`prompt_embeds` needs a `prompt_attention_mask` of shape (batch, context_length).")
-        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
-            raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt)}.")
+        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if value is None or isinstance(value, str):
+                continue
+            if not isinstance(value, list):
+                raise ValueError(f"`{name}` must be a string or a list of strings, got {type(value).__name__}.")
+            if len(value) == 0:
+                raise ValueError(f"`{name}` is an empty list; pass at least one prompt (an empty string is allowed).")
+            for i, item in enumerate(value):
+                if not isinstance(item, str):
+                    raise ValueError(
+                        f"`{name}` must be a list of strings, but item {i} is {type(item).__name__} ({item!r}); "
+                        "use an empty string for an empty prompt."
+                    )
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Provide only one of `negative_prompt` and `negative_prompt_embeds`.")
+        context_shape = (self.transformer.config.context_length, self.transformer.config.context_dim)
+        for name, embeds, mask in (
+            ("prompt_embeds", prompt_embeds, prompt_attention_mask),
+            ("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_attention_mask),
+        ):
+            if embeds is None:
+                continue
+            if embeds.ndim != 3 or tuple(embeds.shape[1:]) != context_shape:
+                raise ValueError(
+                    f"`{name}` must have shape (batch, {context_shape[0]}, {context_shape[1]}), got {tuple(embeds.shape)}."
+                )
+            if mask is None or tuple(mask.shape) != tuple(embeds.shape[:2]):
+                raise ValueError(f"`{name}` needs a `{name[:-6]}attention_mask` of shape (batch, context_length).")
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(
+                    f"`negative_prompt_embeds` {tuple(negative_prompt_embeds.shape)} must have the shape of "
+                    f"`prompt_embeds` {tuple(prompt_embeds.shape)}."
+                )
+        if max_sequence_length is not None and max_sequence_length != context_shape[0]:
+            raise ValueError(
+                f"`max_sequence_length` must equal the model's context length {context_shape[0]} (got "
+                f"{max_sequence_length}): the transformer was trained on contexts of exactly that many tokens."
+            )
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0 (0 disables guidance), got {guidance_scale}.")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise ValueError(f"`guidance_scale` must be a number, got {type(guidance_scale).__name__}.")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0 (0 disables guidance), got {guidance_scale}.")
+        if num_inference_steps is not None and (
+            isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 2
+        ):
+            raise ValueError(
+                f"`num_inference_steps` (steps of the residual-diffusion head) must be an integer >= 2, "
+                f"got {num_inference_steps!r}; leave it as None for the model's default."
+            )
+        if generator is not None:
+            generators = generator if isinstance(generator, (list, tuple)) else [generator]
+            if not generators or not all(isinstance(g, torch.Generator) for g in generators):
+                raise ValueError(
+                    f"`generator` must be a torch.Generator or a list of them, got {generator!r}; "
+                    "for a seed s pass torch.Generator().manual_seed(s)."
+                )
         if top_k is not None and top_k < 0:
             raise ValueError(f"`top_k` must be >= 0 (0 disables it), got {top_k}.")
         if not 0 <= top_p < 1:
@@ -246,19 +376,8 @@ class HARTPipeline(DiffusionPipeline):
             )
 
     # ------------------------------------------------------------------ generation
-    def _unconditional_context(self, prompt_embeds, prompt_mask, prompt_position_ids, negative_prompt, encode_kwargs):
-        if negative_prompt is None:
-            # the original's unconditional branch: zero context, zero positions, only the first token "real"
-            mask = torch.zeros_like(prompt_mask)
-            mask[:, 0] = True
-            return torch.zeros_like(prompt_embeds), mask, torch.zeros_like(prompt_position_ids)
-        num_prompts = prompt_embeds.shape[0] // encode_kwargs["num_images_per_prompt"]
-        negative = [negative_prompt] * num_prompts if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negative) != num_prompts:
-            raise ValueError(f"`negative_prompt` has {len(negative)} entries for {num_prompts} prompts; give one per prompt.")
-        return self.encode_prompt(negative, **encode_kwargs)
-
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: Union[str, List[str]] = None,
@@ -275,13 +394,15 @@ class HARTPipeline(DiffusionPipeline):
         num_inference_steps: Optional[int] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
         prompt_attention_mask: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_attention_mask: Optional[torch.Tensor] = None,
         max_sequence_length: Optional[int] = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Optional[
             Union[Callable[[Any, int, int, Dict], Dict], PipelineCallback, MultiPipelineCallbacks]
         ] = None,
-        callback_on_step_end_tensor_inputs: List[str] = ["f_hat"],
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
     ):
         r"""
         Generate images from text.
@@ -292,28 +413,35 @@ class HARTPipeline(DiffusionPipeline):
                 (see the class docstring). `None` reproduces the original.
             height (`int`, *optional*), width (`int`, *optional*): Must equal the model's trained size
                 (`pipe.supported_size`); default to it.
-            guidance_scale (`float`, defaults to 4.5): Classifier-free guidance. Scale si uses
-                `guidance_scale * si / (SN - 1)`; the last scale and the diffusion head reuse the previous ratio.
+            guidance_scale (`float`, defaults to 4.5): Classifier-free guidance `g` of HART's
+                `(1 + g) * cond - g * uncond`. Scale si uses `g * si / (SN - 1)`; the last scale and the diffusion
+                head reuse the previous ratio. 0 runs the conditional branch alone (half the work).
             num_images_per_prompt (`int`, defaults to 1): Images per prompt.
-            generator (`torch.Generator` or `List[torch.Generator]`, *optional*): One generator reproduces the
-                original's images for its seed: token draws use it, the residual noise a second generator seeded with
-                `generator.initial_seed()`. A list gives each image its own streams.
+            generator (`torch.Generator` or `List[torch.Generator]`, *optional*): A freshly seeded generator
+                reproduces the original's images for its seed: token draws use it, the residual noise a second
+                generator seeded with `generator.initial_seed()`. A generator reused without reseeding moves on, so
+                the next call draws new tokens and new noise. A list gives each image its own streams.
             top_k (`int`, *optional*): Top-k filter of every scale. `None` uses the original's fixed schedule
                 (600 for the first seven scales, 300 after); 0 disables it.
             top_p (`float`, defaults to 0.0): Nucleus filter; 0 disables it.
             more_smooth (`bool`, defaults to True): Feed gumbel-softmax mixtures of code vectors instead of hard codes
                 (the original's default for sampling; its FID numbers use False).
             use_system_prompt (`bool`, defaults to True): Prefix `self.config.system_prompt` to every prompt.
-            num_inference_steps (`int`, *optional*): Steps of the residual-diffusion head; defaults to
+            num_inference_steps (`int`, *optional*): Steps of the residual-diffusion head (at least 2); defaults to
                 `self.config.default_num_inference_steps`.
             prompt_embeds (`torch.Tensor`, *optional*), prompt_attention_mask (`torch.Tensor`, *optional*):
-                Pre-computed text context (B, context_length, context_dim) and its boolean mask.
-            max_sequence_length (`int`, *optional*): Text tokens; defaults to the model's `context_length`.
+                Pre-computed text context (B, context_length, context_dim) and its boolean mask (see `encode_prompt`).
+            negative_prompt_embeds (`torch.Tensor`, *optional*), negative_prompt_attention_mask (`torch.Tensor`,
+                *optional*): Pre-computed context of the unconditional branch and its mask.
+            max_sequence_length (`int`, *optional*): Text tokens; must equal the model's `context_length` (the
+                default).
             output_type (`str`, defaults to "pil"): "pil", "np", "pt" (images in [0, 1]) or "latent" (the final f-hat).
             return_dict (`bool`, defaults to True): Return an [`~pipelines.ImagePipelineOutput`] instead of a tuple.
-            callback_on_step_end (`Callable`, *optional*): Called after every scale as
-                `callback_on_step_end(self, stage_index, patch_num, callback_kwargs)`; may return a new `f_hat`.
-            callback_on_step_end_tensor_inputs (`List[str]`): Tensors passed in `callback_kwargs`.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): Called
+                after every scale as `callback_on_step_end(self, stage_index, patch_num, callback_kwargs)`; may return
+                new `latents` (the accumulated f-hat, B x C x h x w) or `prompt_embeds`.
+            callback_on_step_end_tensor_inputs (`List[str]`): Tensors passed in `callback_kwargs`, of
+                `self._callback_tensor_inputs`.
 
         Examples:
 
@@ -325,8 +453,9 @@ class HARTPipeline(DiffusionPipeline):
         height = height or self.supported_size[0]
         width = width or self.supported_size[1]
         self.check_inputs(
-            prompt, height, width, guidance_scale, top_k, top_p, output_type, num_images_per_prompt,
-            prompt_embeds, prompt_attention_mask, negative_prompt, callback_on_step_end_tensor_inputs,
+            prompt, height, width, guidance_scale, top_k, top_p, output_type, num_images_per_prompt, generator,
+            num_inference_steps, max_sequence_length, prompt_embeds, prompt_attention_mask, negative_prompt,
+            negative_prompt_embeds, negative_prompt_attention_mask, callback_on_step_end_tensor_inputs,
         )  # fmt: skip
         self._guidance_scale = guidance_scale
         self._interrupt = False
@@ -335,76 +464,98 @@ class HARTPipeline(DiffusionPipeline):
         patch_nums = tuple(transformer.config.patch_nums)
         num_stages = len(patch_nums)
         self._num_timesteps = num_stages
-        num_inference_steps = num_inference_steps or self.config.default_num_inference_steps
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
 
-        # 1. text context, conditional rows first, then the unconditional ones
-        encode_kwargs = dict(
-            device=device,
-            num_images_per_prompt=num_images_per_prompt,
-            use_system_prompt=use_system_prompt,
-            max_sequence_length=max_sequence_length,
+        # 1. text context: conditional rows, then (with guidance) the unconditional ones
+        prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
+            self.encode_prompt(
+                prompt,
+                negative_prompt,
+                self.do_classifier_free_guidance,
+                num_images_per_prompt=num_images_per_prompt,
+                device=device,
+                prompt_embeds=prompt_embeds,
+                prompt_attention_mask=prompt_attention_mask,
+                negative_prompt_embeds=negative_prompt_embeds,
+                negative_prompt_attention_mask=negative_prompt_attention_mask,
+                use_system_prompt=use_system_prompt,
+                max_sequence_length=max_sequence_length,
+            )
         )
-        context, mask, position_ids = self.encode_prompt(
-            prompt, prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_attention_mask, **encode_kwargs
-        )
-        uncond = self._unconditional_context(context, mask, position_ids, negative_prompt, encode_kwargs)
-        context = torch.cat([context, uncond[0]]).to(transformer.dtype)
-        mask = torch.cat([mask, uncond[1]])
-        position_ids = torch.cat([position_ids, uncond[2]])
-        batch_size = context.shape[0] // 2
+        batch_size = prompt_embeds.shape[0]
+        mask = prompt_attention_mask
+        if self.do_classifier_free_guidance:
+            mask = torch.cat([prompt_attention_mask, negative_prompt_attention_mask])
+        position_ids = _position_ids(mask)
 
-        # 2. random streams and state
+        def context_of(conditional_embeds):
+            if not self.do_classifier_free_guidance:
+                return conditional_embeds.to(transformer.dtype)
+            return torch.cat([conditional_embeds, negative_prompt_embeds]).to(transformer.dtype)
+
+        context = context_of(prompt_embeds)
+
+        # 2. random streams and state; f-hat accumulates in float32 whatever the model dtype
         streams = RandomStreams(generator, batch_size, device)
-        codebook_VC = quantizer.embedding.weight
-        kv_cache = transformer.init_kv_cache(2 * batch_size, device=device)
-        f_hat = torch.zeros(batch_size, codebook_VC.shape[1], patch_nums[-1], patch_nums[-1], device=device, dtype=self.vae.dtype)
+        codebook_VC = quantizer.codebook()
+        kv_cache = transformer.init_kv_cache(context.shape[0], device=device)
+        side = patch_nums[-1]
+        latents = torch.zeros(batch_size, codebook_VC.shape[1], side, side, device=device, dtype=torch.float32)
         ratios = guidance_ratios(num_stages)
-        next_tokens = None
+        next_input = None
 
         # 3. scale by scale
         with self.progress_bar(total=num_stages) as progress_bar:
             for si, pn in enumerate(patch_nums):
                 if self.interrupt:
                     break
+                next_tokens = None
+                if next_input is not None:
+                    next_tokens = next_input.flatten(2).transpose(1, 2).to(transformer.dtype)
+                    if self.do_classifier_free_guidance:
+                        next_tokens = next_tokens.repeat(2, 1, 1)
                 out = transformer(
                     context, mask, position_ids,
                     latent_tokens=next_tokens, stage_index=si, kv_cache=kv_cache,
                 )  # fmt: skip
                 logits = out.logits[:, -1:] if si == 0 else out.logits  # stage 0: only the last text token predicts
                 t = guidance_scale * ratios[si]
-                logits = (1 + t) * logits[:batch_size] - t * logits[batch_size:]
+                if self.do_classifier_free_guidance:
+                    logits = (1 + t) * logits[:batch_size] - t * logits[batch_size:]
                 filtered = top_k_top_p_filter(logits, default_top_k(si) if top_k is None else top_k, top_p)
                 idx_Bl = streams.multinomial(filtered.softmax(dim=-1))
                 if more_smooth:
                     tokens_BlC = smooth_token_vectors(filtered, ratios[si], codebook_VC, streams)
                 else:
                     tokens_BlC = codebook_VC[idx_Bl]
-                tokens_BlC = tokens_BlC.to(f_hat.dtype)
-
-                if si < num_stages - 1:
-                    h_BChw = tokens_BlC.transpose(1, 2).reshape(batch_size, -1, pn, pn)
-                    f_hat, _ = quantizer.next_autoregressive_input(si, f_hat, h_BChw, patch_nums)
-                else:
+                if si == num_stages - 1:
                     residual_BlC = self._sample_residual(out.hidden_states, codebook_VC[idx_Bl], t, num_inference_steps, streams)
-                    h_BChw = (tokens_BlC + residual_BlC.to(f_hat.dtype)).transpose(1, 2).reshape(batch_size, -1, pn, pn)
-                    f_hat = f_hat + h_BChw
+                    tokens_BlC = tokens_BlC.float() + residual_BlC
+                    h_BChw = tokens_BlC.transpose(1, 2).reshape(batch_size, -1, pn, pn)
+                else:  # the refinement conv of earlier scales runs in the VAE's dtype
+                    h_BChw = tokens_BlC.transpose(1, 2).reshape(batch_size, -1, pn, pn).to(codebook_VC.dtype)
+                latents, next_input = quantizer.next_autoregressive_input(si, latents, h_BChw, patch_nums)
 
                 if callback_on_step_end is not None:
-                    available = {"f_hat": f_hat}
+                    available = {"latents": latents, "prompt_embeds": prompt_embeds}
                     callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, si, pn, callback_kwargs)
-                    f_hat = callback_outputs.pop("f_hat", f_hat)
-                if si < num_stages - 1:  # from f_hat as the callback left it
-                    next_pn = patch_nums[si + 1]
-                    next_map = F.interpolate(f_hat, size=(next_pn, next_pn), mode="area")
-                    next_tokens = next_map.flatten(2).transpose(1, 2).repeat(2, 1, 1).to(transformer.dtype)
+                    if "prompt_embeds" in callback_outputs:
+                        prompt_embeds = callback_outputs.pop("prompt_embeds")
+                        context = context_of(prompt_embeds)
+                    if "latents" in callback_outputs:
+                        latents = callback_outputs.pop("latents").float()
+                        if si < num_stages - 1:  # the next scale reads the latents as the callback left them
+                            next_pn = patch_nums[si + 1]
+                            next_input = F.interpolate(latents, size=(next_pn, next_pn), mode="area")
                 progress_bar.update()
 
         # 4. decode
         if output_type == "latent":
-            image = f_hat
+            image = latents
         else:
-            image = self.vae.decode(f_hat, return_dict=False)[0]
+            image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
             image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -412,29 +563,44 @@ class HARTPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image)
 
     def _quantizer_on(self, device: torch.device):
-        """The VAE's quantizer (codebook and refinement convs) on `device`.
+        """The VAE's quantizer (codebook and refinement convs), usable on `device`.
 
-        Every scale needs it, but with model CPU offload the VAE only comes to the device for
-        decoding; the quantizer is tiny, so a device copy keeps the encoder/decoder offloaded.
+        Every scale needs it, but with model CPU offload the VAE only comes to the device for decoding; the
+        quantizer is tiny, so a device copy keeps the encoder/decoder offloaded. Under sequential offload its
+        modules bring their own weights to the device, and copying their meta tensors would fail.
         """
         quantizer = self.vae.quantize
-        if quantizer.embedding.weight.device != torch.empty(0, device=device).device:  # "cuda" means "cuda:0"
+        if _is_sequentially_offloaded(quantizer):
+            return quantizer
+        if next(quantizer.parameters()).device != torch.empty(0, device=device).device:  # "cuda" means "cuda:0"
             quantizer = copy.deepcopy(quantizer).to(device)
         return quantizer
 
     def _sample_residual(self, hidden_states, discrete_vectors_BlC, guidance, num_inference_steps, streams):
-        """Sample the continuous residual of every last-scale token with the diffusion head (CFG halves stacked)."""
+        """Sample the continuous residual of every last-scale token with the diffusion head.
+
+        With guidance, the conditional and unconditional rows are stacked and both use the conditional codes.
+        """
         transformer = self.transformer
-        two_b, l, _ = hidden_states.shape
-        discrete = discrete_vectors_BlC.to(transformer.dtype).repeat(2, 1, 1)  # both halves use the conditional codes
-        condition = transformer.residual_condition(hidden_states, discrete).reshape(two_b * l, -1)
+        rows, l, _ = hidden_states.shape
+        num_images = discrete_vectors_BlC.shape[0]
+        discrete = discrete_vectors_BlC.to(transformer.dtype).repeat(rows // num_images, 1, 1)
+        condition = transformer.residual_condition(hidden_states, discrete).reshape(rows * l, -1)
+        draws = itertools.count()
+
+        def draw_noise(shape):
+            # The original's layout whether or not the unconditional rows run: the initial noise covers the
+            # conditional rows, every step's noise both halves; without guidance only the first half is used.
+            copies = 1 if next(draws) == 0 else 2
+            return streams.randn(num_images, l, shape[1], copies, torch.float32)[: shape[0]]
+
         sample = sample_residual_tokens(
             transformer.diffusion_head,
             self.scheduler,
             condition,
-            guidance_scale=guidance,
-            draw_noise=lambda shape: streams.randn(two_b // 2, l, shape[1], shape[0] // (two_b // 2 * l), torch.float32),
+            guidance_scale=guidance if self.do_classifier_free_guidance else None,
+            draw_noise=draw_noise,
             num_inference_steps=num_inference_steps,
             sample_scale=transformer.config.residual_scale,
         )
-        return sample[: two_b // 2 * l].view(two_b // 2, l, -1)
+        return sample[: num_images * l].view(num_images, l, -1)

@@ -14,7 +14,7 @@ def sample_residual_tokens(
     diffusion_head: HARTResidualDiffusionMLP,
     scheduler: HARTResidualDiffusionScheduler,
     condition: torch.Tensor,
-    guidance_scale: float,
+    guidance_scale: Optional[float],
     generator: torch.Generator | None = None,
     num_inference_steps: int | str = 8,
     sample_scale: float = 0.6,
@@ -31,11 +31,11 @@ def sample_residual_tokens(
         diffusion_head (`HARTResidualDiffusionMLP`): The denoiser.
         scheduler (`HARTResidualDiffusionScheduler`): Its sampler; `set_timesteps` is called on it.
         condition (`torch.Tensor` of shape `(2N, C_cond)`):
-            Conditional rows followed by unconditional rows. With `guidance_scale == 1.0`, shape `(N, C_cond)` and
-            no guidance is applied.
-        guidance_scale (`float`):
+            Conditional rows followed by unconditional rows; `(N, C_cond)` without guidance.
+        guidance_scale (`float` or `None`):
             Guidance `g` on epsilon: `(1 + g) * eps_cond - g * eps_uncond` (HART passes its stale last-stage ratio
-            times the image CFG scale).
+            times the image CFG scale). `None` samples the rows of `condition` without guidance. Every number
+            guides, 1.0 included: the original switches guidance off at exactly 1.0, a jump this port does not keep.
         generator (`torch.Generator`, *optional*): Source of all noise.
         num_inference_steps (`int` or `str`, defaults to 8): Number of respaced DDPM steps.
         sample_scale (`float`, defaults to 0.6): Factor from the head's sample space to latent units (HART's
@@ -47,8 +47,7 @@ def sample_residual_tokens(
         `torch.Tensor` of shape `(condition.shape[0], C)`: the scaled samples. Under guidance both halves are returned;
         the conditional half `[:N]` is the result (the unconditional half follows its own variance channels).
     """
-    guidance_scale = float(guidance_scale)
-    do_guidance = guidance_scale != 1.0
+    do_guidance = guidance_scale is not None
     num_rows = condition.shape[0]
     if do_guidance:
         if num_rows % 2:

@@ -14,6 +14,19 @@ import torch
 GeneratorArg = Optional[Union[torch.Generator, List[torch.Generator]]]
 
 
+def noise_seed(generator: torch.Generator) -> int:
+    """Seed of the residual-noise stream that goes with `generator`'s token draws.
+
+    While the generator is fresh (in the state `manual_seed` left it), this is its seed, as in the original,
+    which seeds its global RNG and its model generator with the same number. Once it has been drawn from (a
+    generator reused across calls), the seed is drawn from it, so that the noise moves on with the tokens.
+    """
+    fresh = torch.Generator(generator.device).manual_seed(generator.initial_seed())
+    if torch.equal(fresh.get_state(), generator.get_state()):
+        return generator.initial_seed()
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+
+
 class RandomStreams:
     def __init__(self, generator: GeneratorArg, num_images: int, device: torch.device):
         if generator is None:
@@ -27,7 +40,7 @@ class RandomStreams:
                 "(prompts x num_images_per_prompt); pass one generator per image or a single generator."
             )
         self.token_generators = tokens
-        self.noise_generators = [torch.Generator(g.device).manual_seed(g.initial_seed()) for g in tokens]
+        self.noise_generators = [torch.Generator(g.device).manual_seed(noise_seed(g)) for g in tokens]
         self.device = device
 
     @staticmethod

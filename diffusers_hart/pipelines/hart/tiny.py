@@ -7,6 +7,7 @@ noise. The CLI offers it as `--model tiny-random` and the tests build on it.
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from ...models import HARTAutoEncoder, HARTTransformer2DModel
 from ...schedulers import HARTResidualDiffusionScheduler
@@ -17,10 +18,14 @@ _SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (one token per byte, no merges) with Qwen2's special tokens; pads on the right."""
+    """A byte-level tokenizer (one token per byte, no merges) with Qwen2's special tokens; pads on the right.
+
+    Byte `b` has id `len(_SPECIAL_TOKENS) + b`, in every process. (`ByteLevel.alphabet()` is a set whose order
+    changes from process to process; ids taken from it made a seeded `hart-generate` differ between runs.)
+    """
+    byte_chars = bytes_to_unicode()  # GPT-2's printable stand-in for each byte, as the ByteLevel pre-tokenizer emits
     vocab = {token: i for i, token in enumerate(_SPECIAL_TOKENS)}
-    for char in pre_tokenizers.ByteLevel.alphabet():
-        vocab.setdefault(char, len(vocab))
+    vocab.update({byte_chars[byte]: len(_SPECIAL_TOKENS) + byte for byte in range(256)})
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
