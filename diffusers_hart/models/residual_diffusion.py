@@ -19,6 +19,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from ..ops import modulate
+from .normalization import Float32LayerNorm
 
 
 class HARTResidualBlock(nn.Module):
@@ -26,7 +27,7 @@ class HARTResidualBlock(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.norm = Float32LayerNorm(channels, eps=1e-6)
         self.linear_1 = nn.Linear(channels, channels)
         self.linear_2 = nn.Linear(channels, channels)
         self.modulation = nn.Linear(channels, 3 * channels)
@@ -62,7 +63,7 @@ class HARTResidualDiffusionMLP(nn.Module):
         self.condition_proj = nn.Linear(condition_channels, model_channels)
         self.proj_in = nn.Linear(in_channels, model_channels)
         self.res_blocks = nn.ModuleList([HARTResidualBlock(model_channels) for _ in range(num_res_blocks)])
-        self.norm_out = nn.LayerNorm(model_channels, elementwise_affine=False, eps=1e-6)
+        self.norm_out = Float32LayerNorm(model_channels, elementwise_affine=False, eps=1e-6)
         self.modulation_out = nn.Linear(model_channels, 2 * model_channels)
         self.proj_out = nn.Linear(model_channels, out_channels)
         self.initialize_weights()

@@ -18,11 +18,12 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from ..modeling_utils import HARTModelMixin
+from ..normalization import Float32GroupNorm
 from .hybrid_quantizer import HARTHybridQuantizer
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6)
+    return Float32GroupNorm(num_groups=32, num_channels=channels, eps=1e-6)
 
 
 class HARTResnetBlock(nn.Module):
