@@ -3,11 +3,14 @@
 Skipped on machines without CUDA (CI has none); run on a GPU machine with the same command.
 """
 
+import itertools
+
 import pytest
 import torch
 from conftest import CASES
 
 from diffusers_hart.conversion import from_original
+from diffusers_hart.pipelines.hart.sampling import RandomStreams
 from diffusers_hart.pipelines.hart.tiny import tiny_random_pipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -51,11 +54,46 @@ def _generate(pipe, meta, more_smooth=False):
     ).images
 
 
+def _golden_draws(monkeypatch, expected, more_smooth):
+    """Replace every random draw by the original's recorded one: token indices and residual noise.
+
+    On CUDA the pipeline draws with CUDA's generator (a CPU generator only seeds it), so parity with the original's
+    CPU draws is checked with those draws injected.
+    """
+    prefix = f"gen.smooth{int(more_smooth)}"
+    stages, noises = itertools.count(), itertools.count()
+    num_steps = expected[f"{prefix}.diff.step_noise"].shape[0]
+
+    def forced_tokens(self, probs):
+        return expected[f"{prefix}.stage{next(stages)}.indices"].to(probs.device)
+
+    def forced_noise(self, num_images, rows, channels, copies, dtype):
+        i = next(noises)
+        noise = expected[f"{prefix}.diff.noise_init"] if i == 0 else expected[f"{prefix}.diff.step_noise"][(i - 1) % num_steps]
+        return noise.to(self.device, dtype)
+
+    monkeypatch.setattr(RandomStreams, "multinomial", forced_tokens)
+    monkeypatch.setattr(RandomStreams, "randn", forced_noise)
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_gpu_float32_reproduces_the_original(golden, case, tmp_path):
+def test_gpu_float32_reproduces_the_original_with_its_draws(golden, case, tmp_path, monkeypatch):
     pipe = _released_pipe(golden, case, tmp_path).to("cuda")
     meta, expected = golden.case(case), golden.tensors(case)
+    _golden_draws(monkeypatch, expected, more_smooth=False)
     golden.assert_close("gen.smooth0.image", _generate(pipe, meta).cpu(), expected["gen.smooth0.image"])
+
+
+def test_cpu_generator_draws_on_the_gpu(monkeypatch):
+    pipe = tiny_random_pipeline().to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    host_draws = []
+    original = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, *a, **k: host_draws.append(probs.device.type) or original(probs, *a, **k))
+    first = pipe("a cat", generator=torch.Generator().manual_seed(3), output_type="pt").images
+    again = pipe("a cat", generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert set(host_draws) == {"cuda"}
+    torch.testing.assert_close(first, again, atol=0, rtol=0)
 
 
 def test_model_cpu_offload_gives_the_same_images(golden, tmp_path):

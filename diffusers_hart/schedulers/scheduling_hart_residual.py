@@ -94,6 +94,17 @@ class HARTDiffusionSchedule:
         return values.reshape(values.shape + (1,) * (like.ndim - values.ndim)).to(like.device)
 
 
+# What a sampling step reads of the schedule.
+_STEP_COEFFICIENTS = (
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "log_betas",
+    "posterior_log_variance_clipped",
+)
+
+
 def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
     """Betas of the improved-DDPM cosine schedule ("squaredcos_cap_v2"), computed in float64 Python arithmetic."""
 
@@ -185,6 +196,7 @@ class HARTResidualDiffusionScheduler(SchedulerMixin, ConfigMixin):
         self.timestep_map = torch.arange(num_train_timesteps)
         self.timesteps = self.timestep_map.flip(0)
         self.schedule = self.train_schedule
+        self._prepare_steps(None)
 
     def _respaced_schedule(self, kept_timesteps: list[int]) -> HARTDiffusionSchedule:
         betas, last_alpha_cumprod = [], 1.0
@@ -225,6 +237,28 @@ class HARTResidualDiffusionScheduler(SchedulerMixin, ConfigMixin):
         self.schedule = self._respaced_schedule(kept)
         self.timestep_map = torch.tensor(kept, dtype=torch.long)
         self.timesteps = self.timestep_map.flip(0).to(device)
+        self._prepare_steps(device)
+
+    def _prepare_steps(self, device) -> None:
+        # Each step's coefficients, rounded to float32 once and kept on the sampling device, and the position in
+        # `self.timesteps` of the next step: a step then reads neither a device tensor nor the host's float64 arrays.
+        self._step_coefficients = {
+            name: getattr(self.schedule, name).to(torch.float32).to(device) for name in _STEP_COEFFICIENTS
+        }
+        self._timestep_index = {int(t): i for i, t in enumerate(self.timestep_map.tolist())}
+        self._next_position = 0
+
+    def _step_index(self, timestep: int | torch.Tensor) -> int:
+        """Index in the respaced schedule of `timestep`.
+
+        A Python number or a CPU tensor is looked up (any order works). A device tensor is taken to be the next entry
+        of `self.timesteps`, as in the sampling loop: reading it would wait for the device.
+        """
+        if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+            return len(self.timestep_map) - 1 - self._next_position
+        if int(timestep) not in self._timestep_index:
+            raise ValueError(f"Timestep {int(timestep)} is not one of the scheduler's timesteps {self.timesteps}.")
+        return self._timestep_index[int(timestep)]
 
     def step(
         self,
@@ -242,7 +276,8 @@ class HARTResidualDiffusionScheduler(SchedulerMixin, ConfigMixin):
             model_output (`torch.Tensor` of shape `(batch_size, 2 * num_channels)`):
                 Epsilon followed by the learned variance interpolation value in `[-1, 1]`.
             timestep (`int` or `torch.Tensor`):
-                The current original timestep, an entry of `self.timesteps`.
+                The current original timestep, an entry of `self.timesteps`. On an accelerator, pass the entries of
+                `self.timesteps` in order (the sampling loop does): the step does not read the tensor back.
             sample (`torch.Tensor` of shape `(batch_size, num_channels)`):
                 The current noisy sample `x_t`.
             generator (`torch.Generator`, *optional*):
@@ -257,13 +292,13 @@ class HARTResidualDiffusionScheduler(SchedulerMixin, ConfigMixin):
         Returns:
             [`HARTResidualDiffusionSchedulerOutput`] or `tuple`: the previous sample and the clipped `x_0` prediction.
         """
-        matches = (self.timestep_map == int(timestep)).nonzero()
-        if len(matches) != 1:
-            raise ValueError(f"Timestep {int(timestep)} is not one of the scheduler's timesteps {self.timesteps}.")
-        index = matches[0].expand(sample.shape[0])
+        index = self._step_index(timestep)
+        self._next_position = len(self.timestep_map) - index
 
         epsilon, variance_values = model_output.split(sample.shape[1], dim=1)
-        coef = partial(self.schedule.gather, index=index, like=sample)
+        def coef(name):
+            return self._step_coefficients[name][index].to(sample.device)
+
 
         pred_original_sample = (
             coef("sqrt_recip_alphas_cumprod") * sample - coef("sqrt_recipm1_alphas_cumprod") * epsilon
@@ -276,7 +311,7 @@ class HARTResidualDiffusionScheduler(SchedulerMixin, ConfigMixin):
         noise = variance_noise
         if noise is None:
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-        if index[0] > 0:
+        if index > 0:
             fraction = (variance_values + 1) / 2
             log_variance = fraction * coef("log_betas") + (1 - fraction) * coef("posterior_log_variance_clipped")
             prev_sample = prev_sample + torch.exp(0.5 * log_variance) * noise

@@ -27,8 +27,20 @@ class HARTKVCache:
         self.length = 0
         self.max_length = max_length
 
-    def update(self, layer_index: int, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Store this stage's keys/values (B, H, l, c) of a layer; return all cached so far, this stage included."""
+    def update(
+        self, layer_index: int, key: torch.Tensor, value: torch.Tensor, store: bool = True
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values (B, H, L, c) of a layer so far, this stage's (B, H, l, c) included.
+
+        With `store=False` (the last stage, which no later stage reads) this stage's are joined to the cached ones
+        without being written, so the cache needs no room for them.
+        """
+        if not store:
+            cached = slice(0, self.length)
+            return (
+                torch.cat((self.keys[layer_index][:, :, cached], key), dim=2),
+                torch.cat((self.values[layer_index][:, :, cached], value), dim=2),
+            )
         end = self.length + key.shape[2]
         if end > self.max_length:
             raise ValueError(f"KV cache overflow: {end} tokens for a cache of {self.max_length}")

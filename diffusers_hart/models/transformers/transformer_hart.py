@@ -80,6 +80,7 @@ class HARTAttention(nn.Module):
         kv_cache: Optional[HARTKVCache] = None,
         layer_index: int = 0,
         attention_mask: Optional[torch.Tensor] = None,
+        store_kv: bool = True,
     ) -> torch.Tensor:
         B, L, C = hidden_states.shape
         # through the module (not F.linear on its weight) so that hooks such as layerwise casting apply
@@ -88,7 +89,7 @@ class HARTAttention(nn.Module):
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each B H L c
         query, key = apply_rotary_emb(query, key, *rotary_emb)
         if kv_cache is not None:
-            key, value = kv_cache.update(layer_index, key, value)
+            key, value = kv_cache.update(layer_index, key, value, store=store_kv)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scale)
         return self.to_out(out.transpose(1, 2).reshape(B, L, C))
 
@@ -143,8 +144,12 @@ class HARTTransformerBlock(nn.Module):
         kv_cache: Optional[HARTKVCache] = None,
         layer_index: int = 0,
         attention_mask: Optional[torch.Tensor] = None,
+        store_kv: bool = True,
     ) -> torch.Tensor:
-        attn_kwargs = dict(rotary_emb=rotary_emb, kv_cache=kv_cache, layer_index=layer_index, attention_mask=attention_mask)
+        attn_kwargs = dict(
+            rotary_emb=rotary_emb, kv_cache=kv_cache, layer_index=layer_index, attention_mask=attention_mask,
+            store_kv=store_kv,
+        )  # fmt: skip
         if self.conditioning == "prenorm":
             hidden_states = hidden_states + self.attn(self.norm(hidden_states), **attn_kwargs)
             return hidden_states + self.ff(self.norm(hidden_states))
@@ -288,13 +293,17 @@ class HARTTransformer2DModel(HARTModelMixin, ConfigMixin):
         return self.stage_starts[-1]
 
     def init_kv_cache(self, batch_size: int, device=None, dtype=None) -> HARTKVCache:
-        """An empty cache large enough for a whole generation of `batch_size` rows."""
+        """An empty cache for a whole generation of `batch_size` rows.
+
+        It holds every stage but the last: no later stage reads the last one's keys and values (42% of the pyramid
+        at the release's size), so the last stage attends to them without storing them.
+        """
         return HARTKVCache(
             self.config.num_layers,
             batch_size,
             self.config.num_attention_heads,
             self.head_dim,
-            self.sequence_length,
+            self.stage_starts[-2],
             device=device or self.device,
             dtype=dtype or self.dtype,
         )
@@ -374,7 +383,8 @@ class HARTTransformer2DModel(HARTModelMixin, ConfigMixin):
             if kv_cache is None:
                 raise ValueError("stage-by-stage inference (stage_index set) needs a kv_cache")
             start, end = self.stage_starts[stage_index], self.stage_starts[stage_index + 1]
-            level_embedding = self.level_embed(self.level_ids[start:end], condition_BLD.dtype)
+            # one level per stage: embed it once and broadcast, not once per token (4096 at the last stage)
+            level_embedding = self.level_embed(self.level_ids[start : start + 1], condition_BLD.dtype)
             if stage_index == 0:
                 tokens = condition_BLD + level_embedding
                 rotary_emb = rotary_1d(encoder_position_ids, self.head_dim, self.config.rope_theta)
@@ -387,13 +397,14 @@ class HARTTransformer2DModel(HARTModelMixin, ConfigMixin):
         pooling = "avg" if self.config.block_conditioning == "adaln_single" else self.config.adaln_pooling
         pooled = pool_condition(condition_BLD, encoder_attention_mask, pooling)
         hidden_states = tokens
+        store_kv = stage_index is not None and stage_index < self.num_stages - 1
         for layer_index, block in enumerate(self.transformer_blocks):
-            args = (hidden_states, pooled, rotary_emb, kv_cache, layer_index, attention_mask)
+            args = (hidden_states, pooled, rotary_emb, kv_cache, layer_index, attention_mask, store_kv)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(block, *args)
             else:
                 hidden_states = block(*args)
-        if kv_cache is not None:
+        if store_kv:
             kv_cache.advance(hidden_states.shape[1])
 
         # 3. head

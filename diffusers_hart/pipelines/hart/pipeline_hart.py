@@ -420,7 +420,9 @@ class HARTPipeline(DiffusionPipeline):
             generator (`torch.Generator` or `List[torch.Generator]`, *optional*): A freshly seeded generator
                 reproduces the original's images for its seed: token draws use it, the residual noise a second
                 generator seeded with `generator.initial_seed()`. A generator reused without reseeding moves on, so
-                the next call draws new tokens and new noise. A list gives each image its own streams.
+                the next call draws new tokens and new noise. A list gives each image its own streams. A generator on
+                another device than the pipeline's only seeds generators there (draws stay on the GPU; see the
+                README's seed protocol).
             top_k (`int`, *optional*): Top-k filter of every scale. `None` uses the original's fixed schedule
                 (600 for the first seven scales, 300 after); 0 disables it.
             top_p (`float`, defaults to 0.0): Nucleus filter; 0 disables it.
