@@ -13,7 +13,7 @@ import copy
 import json
 
 import torch
-from benchmark_pipeline import environment, release_sized_pipeline
+from bench_generate import environment, release_sized_pipeline
 
 import diffusers_hart.pipelines.hart.pipeline_hart as pipeline_module
 from diffusers_hart.pipelines.hart.sampling import RandomStreams, guidance_ratios

@@ -1,0 +1,187 @@
+"""Latency, throughput, phase breakdown and peak memory of HARTPipeline at the release's size, random weights.
+
+Weights do not change the work done (the same shapes, scales and diffusion steps), so random weights time the real
+1024x1024 pipeline without the checkpoint. Shapes follow HART-0.7B-1024px: 14 scales up to a 64x64 latent, a
+1536-wide transformer with 24 heads, 300 text tokens, a 4096-entry codebook of 32 channels, the 1024x6 diffusion MLP
+with 8 steps, a Qwen2-1.5B-shaped text encoder. Two configs, as the issue tracker's baseline table:
+`depth24-adaln_single` and `depth16-adaln` (per-block AdaLN). cfg 4.5, more_smooth on.
+
+Each batch size gets warm-up calls, then the median of timed calls, CUDA-synchronised. The text encoder runs once per
+call and is timed as its own phase; the end-to-end time excludes it (`prompt_embeds` are passed), as the baseline
+table does. Phases come from CUDA events around the transformer's stage calls, the residual head and the decode.
+`--generator cpu` seeds the way the README does (`torch.Generator().manual_seed(s)`), `cuda` with a CUDA generator.
+
+    python benchmarks/bench_generate.py --output results.json
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+import transformers
+from transformers import Qwen2Config, Qwen2Model
+
+import diffusers
+import diffusers_hart.pipelines.hart.pipeline_hart as pipeline_module
+from diffusers_hart import HARTAutoEncoder, HARTPipeline, HARTResidualDiffusionScheduler, HARTTransformer2DModel
+from diffusers_hart.pipelines.hart.tiny import TINY_SYSTEM_PROMPT, byte_level_tokenizer
+
+PATCH_NUMS = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
+CONFIGS = {"depth24-adaln_single": (24, "adaln_single"), "depth16-adaln": (16, "adaln")}
+PROMPT = "A small fluffy white cat sleeping on a sunny windowsill, surrounded by pots of red flowers"
+
+
+def release_sized_pipeline(block_conditioning: str, dtype: torch.dtype, device: str, num_layers: int = 24):
+    tokenizer = byte_level_tokenizer()
+    with torch.device(device):
+        text_encoder = Qwen2Model(
+            Qwen2Config(
+                vocab_size=len(tokenizer), hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=2048,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )  # fmt: skip
+        vae = HARTAutoEncoder(ch=160, ch_mult=(1, 1, 2, 2, 4), z_channels=32, vocab_size=4096, patch_nums=PATCH_NUMS)
+        transformer = HARTTransformer2DModel(
+            patch_nums=PATCH_NUMS, num_layers=num_layers, hidden_size=1536, num_attention_heads=24,
+            context_dim=1536, context_length=300, vocab_size=4096, latent_channels=32,
+            block_conditioning=block_conditioning, diffusion_head_width=1024, diffusion_head_depth=6,
+        )  # fmt: skip
+    pipe = HARTPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder.eval(), transformer=transformer.eval(), vae=vae.eval(),
+        scheduler=HARTResidualDiffusionScheduler(), system_prompt=TINY_SYSTEM_PROMPT * 8,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def environment() -> dict:
+    """The card and the software versions a result was measured with."""
+    return {
+        "device": torch.cuda.get_device_name(),
+        "versions": {
+            "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+        },
+    }  # fmt: skip
+
+
+class PhaseTimer:
+    """Sums CUDA-event times of wrapped calls by phase, without synchronising inside the pipeline."""
+
+    def __init__(self):
+        self.events = defaultdict(list)
+
+    def wrap(self, name, function):
+        def timed(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = function(*args, **kwargs)
+            end.record()
+            self.events[name].append((start, end))
+            return out
+
+        return timed
+
+    def seconds(self) -> dict:
+        torch.cuda.synchronize()
+        totals = {name: sum(s.elapsed_time(e) for s, e in pairs) / 1000 for name, pairs in self.events.items()}
+        self.events.clear()
+        return totals
+
+
+def instrument(pipe) -> PhaseTimer:
+    timer = PhaseTimer()
+    pipe.text_encoder.forward = timer.wrap("text_encoder", pipe.text_encoder.forward)
+    pipe.transformer.forward = timer.wrap("ar_stages", pipe.transformer.forward)
+    pipe.vae.decode = timer.wrap("decode", pipe.vae.decode)
+    pipeline_module.sample_residual_tokens = timer.wrap("diffusion_head", pipeline_module.sample_residual_tokens)
+    return timer
+
+
+def time_batch(pipe, timer, batch_size, generator_device, warmup, repeats):
+    embeds = pipe.encode_prompt([PROMPT] * batch_size, device="cuda")
+    text_seconds = timer.seconds()["text_encoder"]
+    names = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+    kwargs = dict(zip(names, embeds), guidance_scale=4.5, more_smooth=True, output_type="pt")
+    torch.cuda.reset_peak_memory_stats()
+    times, phases = [], []
+    for i in range(warmup + repeats):
+        generator = torch.Generator(generator_device).manual_seed(i)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        pipe(generator=generator, **kwargs)
+        torch.cuda.synchronize()
+        seconds, phase = time.perf_counter() - start, timer.seconds()
+        if i >= warmup:
+            times.append(seconds)
+            phases.append(phase)
+    median = statistics.median(times)
+    return {
+        "batch_size": batch_size, "generator": generator_device, "median_s": median, "min_s": min(times),
+        "max_s": max(times), "images_per_s": batch_size / median, "repeats": repeats,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "phases_s": {"text_encoder (not in median_s)": text_seconds}
+        | {name: statistics.median(p.get(name, 0.0) for p in phases) for name in ("ar_stages", "diffusion_head", "decode")},
+    }  # fmt: skip
+
+
+def markdown(results) -> str:
+    lines = [
+        "| config | B | generator | median s | img/s | peak GiB | AR stages s | head s | decode s | text enc. s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in results["runs"]:
+        p = run["phases_s"]
+        lines.append(
+            f"| {run['config']} | {run['batch_size']} | {run['generator']} | {run['median_s']:.3f} | "
+            f"{run['images_per_s']:.2f} | {run['peak_memory_gib']:.1f} | {p['ar_stages']:.3f} | "
+            f"{p['diffusion_head']:.3f} | {p['decode']:.3f} | {p['text_encoder (not in median_s)']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, of: " + ", ".join(CONFIGS))
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    parser.add_argument("--batch-sizes", default="1,4,16")
+    parser.add_argument("--generators", default="cpu,cuda", help="devices of the seeding generator")
+    parser.add_argument("--repeats", default="1:7,16:5", help="timed calls per batch size (B:n, default 5)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--label", default="diffusers_hart", help="name of the system measured, in the output")
+    parser.add_argument("--output", default=None, help="JSON file for the results (a .md table is written beside it)")
+    args = parser.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    repeats = defaultdict(lambda: 5, {int(b): int(n) for b, n in (item.split(":") for item in args.repeats.split(","))})
+
+    results = {"what": __doc__.splitlines()[0], "label": args.label, "dtype": args.dtype, **environment(), "runs": []}
+    unwrapped_head = pipeline_module.sample_residual_tokens
+    for config in args.configs.split(","):
+        pipeline_module.sample_residual_tokens = unwrapped_head
+        num_layers, block_conditioning = CONFIGS[config]
+        torch.manual_seed(0)
+        pipe = release_sized_pipeline(block_conditioning, dtype, "cuda", num_layers=num_layers)
+        timer = instrument(pipe)
+        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+            for generator_device in args.generators.split(","):
+                run = time_batch(pipe, timer, batch_size, generator_device, args.warmup, repeats[batch_size])
+                results["runs"].append({"config": config, **run})
+                print(json.dumps(results["runs"][-1]), flush=True)
+        del pipe, timer
+        torch.cuda.empty_cache()
+    table = markdown(results)
+    print(table)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+        with open(args.output.rsplit(".", 1)[0] + ".md", "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
