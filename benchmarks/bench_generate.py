@@ -97,7 +97,9 @@ class PhaseTimer:
 def instrument(pipe) -> PhaseTimer:
     timer = PhaseTimer()
     pipe.text_encoder.forward = timer.wrap("text_encoder", pipe.text_encoder.forward)
-    pipe.transformer.forward = timer.wrap("ar_stages", pipe.transformer.forward)
+    # the stage runner, not the transformer: replayed CUDA graphs never call the transformer's forward
+    stage_runner = pipe._stage_runner
+    pipe._stage_runner = lambda rows, device: timer.wrap("ar_stages", stage_runner(rows, device))
     pipe.vae.decode = timer.wrap("decode", pipe.vae.decode)
     pipeline_module.sample_residual_tokens = timer.wrap("diffusion_head", pipeline_module.sample_residual_tokens)
     return timer
@@ -153,13 +155,17 @@ def main():
     parser.add_argument("--generators", default="cpu,cuda", help="devices of the seeding generator")
     parser.add_argument("--repeats", default="1:7,16:5", help="timed calls per batch size (B:n, default 5)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--cuda-graphs", action="store_true", help="pipe.enable_cuda_graphs() (replayed stages)")
     parser.add_argument("--label", default="diffusers_hart", help="name of the system measured, in the output")
     parser.add_argument("--output", default=None, help="JSON file for the results (a .md table is written beside it)")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     repeats = defaultdict(lambda: 5, {int(b): int(n) for b, n in (item.split(":") for item in args.repeats.split(","))})
 
-    results = {"what": __doc__.splitlines()[0], "label": args.label, "dtype": args.dtype, **environment(), "runs": []}
+    results = {
+        "what": __doc__.splitlines()[0], "label": args.label, "dtype": args.dtype, "cuda_graphs": args.cuda_graphs,
+        **environment(), "runs": [],
+    }  # fmt: skip
     unwrapped_head = pipeline_module.sample_residual_tokens
     for config in args.configs.split(","):
         pipeline_module.sample_residual_tokens = unwrapped_head
@@ -167,6 +173,8 @@ def main():
         torch.manual_seed(0)
         pipe = release_sized_pipeline(block_conditioning, dtype, "cuda", num_layers=num_layers)
         timer = instrument(pipe)
+        if args.cuda_graphs:
+            pipe.enable_cuda_graphs()
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
             for generator_device in args.generators.split(","):
                 run = time_batch(pipe, timer, batch_size, generator_device, args.warmup, repeats[batch_size])

@@ -121,3 +121,23 @@ def test_fp8_layerwise_casting_runs_on_gpu():
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     images = pipe(["a cat", ""], generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert images.dtype == torch.bfloat16 and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_give_the_eager_images(dtype):
+    pipe = tiny_random_pipeline().to("cuda", dtype)
+    pipe.set_progress_bar_config(disable=True)
+    calls = [("a cat", 0), (["a dog", ""], 1), ("a cat", 2)]
+
+    def images(prompt, seed):
+        return pipe(prompt, generator=torch.Generator("cuda").manual_seed(seed), output_type="pt", more_smooth=False).images
+
+    eager = [images(*call) for call in calls]
+    pipe.enable_cuda_graphs()
+    graphed = [images(*call) for call in calls]  # the third replays the first batch size's graphs
+    assert len(pipe._stage_runners) == 2
+    for a, b in zip(graphed, eager):
+        torch.testing.assert_close(a, b, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+    torch.testing.assert_close(images(*calls[0]), graphed[0], atol=0, rtol=0)
+    pipe.disable_cuda_graphs()
+    torch.testing.assert_close(images(*calls[0]), eager[0], atol=0, rtol=0)

@@ -28,6 +28,7 @@ from .sampling import (
     smooth_token_vectors,
     top_k_top_p_filter,
 )
+from .stage_runner import CUDAGraphStageRunner, EagerStageRunner
 
 logger = logging.get_logger(__name__)
 
@@ -54,8 +55,8 @@ def _position_ids(attention_mask_BL: torch.Tensor) -> torch.LongTensor:
     return attention_mask_BL.long().cumsum(dim=1) - 1
 
 
-def _is_sequentially_offloaded(module: torch.nn.Module) -> bool:
-    """Whether accelerate hooks bring this module's weights to the device at every forward (sequential offload)."""
+def _has_offload_hooks(module: torch.nn.Module) -> bool:
+    """Whether accelerate hooks move this module's weights (model or sequential CPU offload)."""
     return any(hasattr(submodule, "_hf_hook") for submodule in module.modules())
 
 
@@ -155,6 +156,30 @@ class HARTPipeline(DiffusionPipeline):
             if current.device.type != "meta":
                 setattr(owner, attribute, buffer.to(current.device))
         return self
+
+    def enable_cuda_graphs(self):
+        """Replay each transformer stage as a CUDA graph when the pipeline runs on CUDA (see `stage_runner.py`).
+
+        The first call of each batch size captures its 14 stages (about as long as one eager call); later calls replay
+        them, with the KV cache and input buffers kept between calls. Graphs read the weights where they are: call
+        `disable_cuda_graphs()` and this again after replacing the transformer's parameters (loading others, moving
+        it to another device or dtype).
+        """
+        self._stage_runners = {}
+
+    def disable_cuda_graphs(self):
+        """Run the transformer eagerly again and free the captured graphs and their buffers."""
+        self._stage_runners = None
+
+    def _stage_runner(self, batch_rows: int, device: torch.device):
+        runners = getattr(self, "_stage_runners", None)
+        # graphs replay fixed weight addresses, which offloading moves at every forward
+        if runners is None or device.type != "cuda" or _has_offload_hooks(self.transformer):
+            return EagerStageRunner(self.transformer, batch_rows, device)
+        key = (batch_rows, device, self.transformer.dtype)
+        if key not in runners:
+            runners[key] = CUDAGraphStageRunner(self.transformer, batch_rows, device)
+        return runners[key]
 
     # ------------------------------------------------------------------ properties
     @property
@@ -501,7 +526,7 @@ class HARTPipeline(DiffusionPipeline):
         # 2. random streams and state; f-hat accumulates in float32 whatever the model dtype
         streams = RandomStreams(generator, batch_size, device)
         codebook_VC = quantizer.codebook()
-        kv_cache = transformer.init_kv_cache(context.shape[0], device=device)
+        run_stage = self._stage_runner(context.shape[0], device)
         side = patch_nums[-1]
         latents = torch.zeros(batch_size, codebook_VC.shape[1], side, side, device=device, dtype=torch.float32)
         ratios = guidance_ratios(num_stages)
@@ -517,10 +542,7 @@ class HARTPipeline(DiffusionPipeline):
                     next_tokens = next_input.flatten(2).transpose(1, 2).to(transformer.dtype)
                     if self.do_classifier_free_guidance:
                         next_tokens = next_tokens.repeat(2, 1, 1)
-                out = transformer(
-                    context, mask, position_ids,
-                    latent_tokens=next_tokens, stage_index=si, kv_cache=kv_cache,
-                )  # fmt: skip
+                out = run_stage(context, mask, position_ids, next_tokens, si)
                 logits = out.logits[:, -1:] if si == 0 else out.logits  # stage 0: only the last text token predicts
                 t = guidance_scale * ratios[si]
                 if self.do_classifier_free_guidance:
@@ -572,7 +594,7 @@ class HARTPipeline(DiffusionPipeline):
         modules bring their own weights to the device, and copying their meta tensors would fail.
         """
         quantizer = self.vae.quantize
-        if _is_sequentially_offloaded(quantizer):
+        if _has_offload_hooks(quantizer):
             return quantizer
         if next(quantizer.parameters()).device != torch.empty(0, device=device).device:  # "cuda" means "cuda:0"
             quantizer = copy.deepcopy(quantizer).to(device)
