@@ -72,7 +72,9 @@ class CUDAGraphStageRunner:
         if self.context is None:
             self.context, self.mask, self.position_ids = context.clone(), mask.clone(), position_ids.clone()
         else:  # at every stage: a callback may replace the prompt embeds between stages
-            self.context.copy_(context), self.mask.copy_(mask), self.position_ids.copy_(position_ids)
+            self.context.copy_(context)
+            self.mask.copy_(mask)
+            self.position_ids.copy_(position_ids)
         if stage_index == 0:
             self.kv_cache.length = 0
         stage = self.stages.get(stage_index)
