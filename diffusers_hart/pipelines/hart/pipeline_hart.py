@@ -161,7 +161,9 @@ class HARTPipeline(DiffusionPipeline):
         """Replay each transformer stage as a CUDA graph when the pipeline runs on CUDA (see `stage_runner.py`).
 
         The first call of each batch size captures its 14 stages (about as long as one eager call); later calls replay
-        them, with the KV cache and input buffers kept between calls. Graphs read the weights where they are: call
+        them, with the KV cache and input buffers kept between calls. Meant for small batches: the captured stages
+        keep their outputs allocated (about 28 GiB at batch 16 at the release's size, where they did not fit beside
+        the KV cache on a 141 GB card; 0.7 GiB more at batch 1). Graphs read the weights where they are: call
         `disable_cuda_graphs()` and this again after replacing the transformer's parameters (loading others, moving
         it to another device or dtype).
         """
