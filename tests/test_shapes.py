@@ -5,6 +5,7 @@ import dataclasses
 import io
 import itertools
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -32,7 +33,9 @@ from diffusers_hart.training.shapes import (
 SCENES_PER_SPLIT = 150
 MIN_ACCURACY = 0.99
 # np.rot90 turns the image a quarter counter-clockwise: the top right quadrant becomes the top left, and so on.
-QUARTER_TURN = {"top right": "top left", "top left": "bottom left", "bottom left": "bottom right", "bottom right": "top right"}
+QUARTER_TURN = {
+    "top right": "top left", "top left": "bottom left", "bottom left": "bottom right", "bottom right": "top right"
+}  # fmt: skip
 
 
 def _all_scenes():
@@ -137,14 +140,14 @@ def _corruptions(scene: Scene, rng: np.random.Generator):
 def test_evaluator_rejects_wrong_captions(rendered):
     _, examples = rendered
     rng = np.random.default_rng(1)
-    judged, accepted = {}, {}
+    judged, accepted = Counter(), Counter()
     for scene, image in examples:
         detected = detect_objects(image)
         for flag, wrong_scene in _corruptions(scene, rng).items():
             judgement = judge_detection(detected, wrong_scene.caption)
-            judged[flag] = judged.get(flag, 0) + 1
-            # the exact match fails, and so does the flag of the attribute that was changed
-            accepted[flag] = accepted.get(flag, 0) + (judgement.correct or getattr(judgement, flag))
+            judged[flag] += 1
+            # the exact match must fail, and so must the flag of the attribute that was changed
+            accepted[flag] += judgement.correct or getattr(judgement, flag)
     assert set(judged) == {"colour", "shape", "position", "count", "correct"}
     for flag in judged:
         assert accepted[flag] / judged[flag] <= 1 - MIN_ACCURACY, (flag, accepted[flag], judged[flag])

@@ -15,22 +15,11 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from ..utils import DTYPES
-from .parser import CommandParser
+from .parser import CommandParser, positive_int
 
 TINY_RANDOM = "tiny-random"
 
 logger = logging.getLogger("hart-generate")
-
-
-def _at_least_one(text: str) -> int:
-    """argparse type of counts: `int(text)`, refused below 1 (a count of 0 is never what was meant)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return value
 
 
 def _device_name(text: str) -> str:
@@ -94,11 +83,11 @@ def build_parser() -> CommandParser:
         "--guidance-scale", type=float, default=4.5, help="classifier-free guidance scale (default: %(default)s)"
     )
     parser.add_argument(
-        "--num-images", type=_at_least_one, default=1,
+        "--num-images", type=positive_int, default=1,
         help="images of the prompt, saved as one grid (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--steps", type=_at_least_one, default=None,
+        "--steps", type=positive_int, default=None,
         help="residual-diffusion steps (default: the model's own count, 8 for HART)",
     )  # fmt: skip
     parser.add_argument(

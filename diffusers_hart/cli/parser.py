@@ -39,3 +39,14 @@ class CommandParser(argparse.ArgumentParser):
                 raise
             self.error(str(error) or type(error).__name__)
         return 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts: `int(text)`, refused below 1 (a count of 0 is never what was meant)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value

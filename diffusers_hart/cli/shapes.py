@@ -14,27 +14,16 @@ import json
 from pathlib import Path
 
 from ..training.shapes import MAX_SIDE, MIN_SIDE, SPLITS, evaluate_folder, write_dataset
-from .parser import CommandParser
-
-
-def _positive(text: str) -> int:
-    """argparse type of counts: `int(text)`, refused below 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return value
+from .parser import CommandParser, positive_int
 
 
 def build_make_parser() -> CommandParser:
     parser = CommandParser(
         prog="hart-make-shapes",
-        description="Write a coloured-shapes text-to-image dataset: PNGs plus metadata.jsonl (Hugging Face imagefolder).",
+        description="Write a coloured-shapes text-to-image dataset: PNGs + metadata.jsonl (Hugging Face imagefolder).",
     )
     parser.add_argument("--output", required=True, help="folder to write, new or empty unless --overwrite (required)")
-    parser.add_argument("--num-images", type=_positive, default=1000, help="images to write (default: %(default)s)")
+    parser.add_argument("--num-images", type=positive_int, default=1000, help="images to write (default: %(default)s)")
     parser.add_argument(
         "--size", type=int, default=64, help=f"image side in pixels, {MIN_SIDE} to {MAX_SIDE} (default: %(default)s)"
     )

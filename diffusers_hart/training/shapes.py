@@ -8,11 +8,11 @@ A scene is one or two filled shapes, each in its own quadrant of the image, and 
 contain them and evaluation scenes always contain at least one, so the evaluation split asks for compositions the
 model never saw. Datasets are Hugging Face imagefolders: PNGs plus `metadata.jsonl` lines `{"file_name", "text"}`.
 
-The evaluator uses no learned model, so it judges generated images without a learned judge's biases: foreground
-pixels are the bright ones, connected components are objects, the colour is the component's mean hue (or white for
-a low saturation), the shape is how much of the circle around the component's centroid it fills (rotation-invariant,
-so a sideways triangle is still a triangle), the position is the quadrant of its centroid. Hue and saturation do not
-change when a colour blends into the black background, so antialiased or blurred edges keep their colour.
+The evaluator is analytic, no learned model: foreground pixels are the bright ones, each connected component not
+smaller than a speck is an object; its colour is its mean hue (white: a low saturation), its shape is read from its
+rotational symmetry (3-fold: triangle, 4-fold: square, any: circle; see the thresholds below), its position is the
+quadrant of its centroid. Hue and saturation do not change where a colour blends into the black background, and
+blur or rotation keep a shape's symmetry, so soft, noisy or turned images are judged like clean ones.
 
 Everything here is numpy + PIL and deterministic given a seed.
 """
@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-# 1. The vocabulary.
+# The vocabulary.
 # Hues at least 55 degrees apart (red 0, yellow 56, green 127, blue 229, purple 284) plus white, the only
 # unsaturated colour, all bright on black: well separated after blur, noise or a decoder's colour drift.
 COLOURS: Dict[str, Tuple[int, int, int]] = {
@@ -51,13 +51,13 @@ HELD_OUT_PAIRS = frozenset({("green", "triangle"), ("blue", "circle"), ("yellow"
 SPLITS = ("train", "eval")
 MIN_SIDE, MAX_SIDE = 64, 256
 
-# 2. Rendering: an object's bounding box spans this fraction of its quadrant's side, and stays this fraction of the
+# Rendering: an object's bounding box spans this fraction of its quadrant's side, and stays this fraction of the
 # side away from the quadrant's edges (so two objects are never closer than twice that).
 EXTENT_RANGE = (0.5, 0.75)
 CELL_MARGIN = 0.08
 SUPERSAMPLING = 4  # drawn this many times larger, then box-downsampled: antialiased edges
 
-# 3. Evaluation thresholds.
+# The evaluator's thresholds.
 FOREGROUND_BRIGHTNESS = 0.35  # max(R, G, B) in [0, 1]; every colour of the palette is above 0.9
 # A component smaller than this fraction of the image is a speck, not an object; the smallest rendered object (a
 # triangle half a quadrant wide) covers 2.7% of the image.
@@ -69,9 +69,9 @@ MAX_HUE_ERROR = 20.0  # degrees; an orange halfway between red and yellow is nei
 # Shapes are told apart by their symmetry. The complex moment c_k = sum over an object's pixels of (z - centroid)^k,
 # divided by area^(1 + k/2), does not change with rotation or scale, and is zero for a shape with n-fold symmetry
 # unless n divides k: c_2 is zero for all three shapes, c_3 for a circle and a square (not a triangle), c_4 for a
-# circle and a triangle (not a square). A symmetric blur keeps the symmetry, so it only shrinks the nonzero ones. The scores are |c_3| and |c_4|
-# divided by their values for the ideal triangle and square; a gaussian blur of radius 1/32 of the image leaves them
-# above 0.4, a disk's stay under 0.2.
+# circle and a triangle (not a square). A symmetric blur keeps the symmetry, so it only shrinks the nonzero ones.
+# The scores are |c_3| and |c_4| divided by their values for the ideal triangle and square; a gaussian blur of
+# radius 1/32 of the image leaves them above 0.4, a disk's stay under 0.2.
 IDEAL_TRIANGLE_C3 = 0.0675  # equilateral triangle, computed numerically
 IDEAL_SQUARE_C4 = 1 / 60
 MIN_CORNER_SCORE = 0.25  # both scores below this: a circle
@@ -141,7 +141,8 @@ def parse_caption(caption: str) -> Scene:
     for clause in caption.strip().split(" and "):
         words = clause.split()
         if len(words) != 7 or words[0] != "a" or words[3:5] != ["at", "the"]:
-            raise ValueError(f"cannot parse {clause!r} of caption {caption!r}: expected 'a COLOUR SHAPE at the POSITION'")
+            expected = "expected 'a COLOUR SHAPE at the POSITION'"
+            raise ValueError(f"cannot parse {clause!r} of caption {caption!r}: {expected}")
         try:
             objects.append(ShapeObject(words[1], words[2], " ".join(words[5:])))
         except ValueError as error:
@@ -152,7 +153,7 @@ def parse_caption(caption: str) -> Scene:
         raise ValueError(f"{error} in caption {caption!r}") from None
 
 
-# 4. Sampling scenes.
+# Sampling scenes.
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
@@ -192,7 +193,7 @@ def evaluation_prompts(n: int, seed: int = 0) -> List[str]:
     return list(prompts)
 
 
-# 5. Rendering and writing datasets.
+# Rendering and writing datasets.
 def _check_side(size: int) -> None:
     if not MIN_SIDE <= size <= MAX_SIDE:
         raise ValueError(f"image side must be {MIN_SIDE} to {MAX_SIDE} pixels, got {size}")
@@ -283,7 +284,7 @@ def write_dataset(
     (folder / "metadata.jsonl").write_text("".join(lines))
 
 
-# 6. The evaluator.
+# The evaluator.
 @dataclass(frozen=True)
 class DetectedObject:
     """An object found in an image; `colour` or `shape` is None when it is none of the vocabulary's."""
@@ -292,9 +293,9 @@ class DetectedObject:
     shape: Optional[str]
     position: str
     area: float  # fraction of the image
-    triangle_score: float  # |c_3|, 1 for an equilateral triangle, 0 for a disk or a square
-    square_score: float  # |c_4|, 1 for a square, 0 for a disk or an equilateral triangle
-    elongation: float  # |c_2|, 0 for all three shapes
+    triangle_score: float  # |c_3| / its ideal value: 1 for an equilateral triangle, 0 for a disk or a square
+    square_score: float  # |c_4| / its ideal value: 1 for a square, 0 for a disk or an equilateral triangle
+    elongation: float  # |c_2|: 0 for all three shapes
 
     @property
     def description(self) -> str:
