@@ -304,7 +304,7 @@ def test_make_refuses_a_non_empty_folder_unless_overwrite(tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert "no metadata.jsonl in" in _one_line_error(capsys, main_eval, [str(tmp_path)])
+    assert f"missing {tmp_path / 'metadata.jsonl'}" in _one_line_error(capsys, main_eval, [str(tmp_path)])
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "a red blob at the top left"}\n')
     assert "x.png: unknown shape 'blob'" in _one_line_error(capsys, main_eval, [str(tmp_path)])
     (tmp_path / "metadata.jsonl").write_text("not json\n")

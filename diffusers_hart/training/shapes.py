@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .data import METADATA_FILE, read_metadata
+
 # The vocabulary.
 # Hues at least 55 degrees apart (red 0, yellow 56, green 127, blue 229, purple 284) plus white, the only
 # unsaturated colour, all bright on black: well separated after blur, noise or a decoder's colour drift.
@@ -226,27 +228,10 @@ def render_scene(scene: Scene, size: int, rng: np.random.Generator) -> Image.Ima
     return image.reduce(SUPERSAMPLING)
 
 
-def read_metadata(folder: Union[str, Path]) -> List[Tuple[str, str]]:
-    """(file_name, text) of each line of `folder/metadata.jsonl`; `ValueError` naming a malformed line."""
-    path = Path(folder) / "metadata.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metadata.jsonl in {folder}")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            records.append((str(record["file_name"]), str(record["text"])))
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f'{path} line {number}: expected {{"file_name": ..., "text": ...}}') from None
-    return records
-
-
 def _remove_previous_dataset(folder: Path) -> None:
     """Delete the files a previous `metadata.jsonl` lists (inside `folder` only): stale images of a larger dataset
     would otherwise join the new one in an imagefolder loader."""
-    if not (folder / "metadata.jsonl").is_file():
+    if not (folder / METADATA_FILE).is_file():
         return
     root = folder.resolve()
     for file_name, _ in read_metadata(folder):
@@ -281,7 +266,7 @@ def write_dataset(
         file_name = f"{index:06d}.png"
         render_scene(scene, size, rng).save(folder / file_name)
         lines.append(json.dumps({"file_name": file_name, "text": scene.caption}) + "\n")
-    (folder / "metadata.jsonl").write_text("".join(lines))
+    (folder / METADATA_FILE).write_text("".join(lines))
 
 
 # The evaluator.
@@ -437,7 +422,7 @@ def evaluate_folder(folder: Union[str, Path]) -> Tuple[Dict[str, float], List[Di
     """
     records = read_metadata(folder)
     if not records:
-        raise ValueError(f"{Path(folder) / 'metadata.jsonl'} lists no images")
+        raise ValueError(f"{Path(folder) / METADATA_FILE} lists no images")
     per_image = []
     for file_name, text in records:
         try:
