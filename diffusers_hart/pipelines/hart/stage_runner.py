@@ -9,8 +9,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ...models.transformers import HARTTransformer2DModel
-from ...models.transformers.transformer_hart import HARTTransformerOutput
+from ...models.transformers import HARTTransformer2DModel, HARTTransformerOutput
 
 
 class EagerStageRunner:
@@ -54,7 +53,7 @@ class CUDAGraphStageRunner:
 
     def _capture(self, stage_index: int, latent_tokens: Optional[torch.Tensor]) -> _CapturedStage:
         static_tokens = None if latent_tokens is None else latent_tokens.clone()
-        start = self.kv_cache.length
+        start = self.kv_cache.length  # each call below advances it past this stage
         # a warm-up run on a side stream (cuBLAS and friends allocate their workspaces outside the capture)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -65,7 +64,6 @@ class CUDAGraphStageRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             output = self._call(stage_index, static_tokens)
-        self.kv_cache.length = start
         return _CapturedStage(graph, static_tokens, output)
 
     def __call__(self, context, mask, position_ids, latent_tokens, stage_index) -> HARTTransformerOutput:
@@ -75,15 +73,13 @@ class CUDAGraphStageRunner:
             self.context.copy_(context)
             self.mask.copy_(mask)
             self.position_ids.copy_(position_ids)
-        if stage_index == 0:
-            self.kv_cache.length = 0
+        # a replay writes where its capture did; only capturing reads the cache's length, which is the stage's start
+        self.kv_cache.length = self.transformer.stage_starts[stage_index]
         stage = self.stages.get(stage_index)
         if stage is None:
             stage = self.stages[stage_index] = self._capture(stage_index, latent_tokens)
         elif latent_tokens is not None:
             stage.latent_tokens.copy_(latent_tokens)
         stage.graph.replay()
-        if stage_index < self.transformer.num_stages - 1:
-            self.kv_cache.advance(self.transformer.stage_starts[stage_index + 1] - self.transformer.stage_starts[stage_index])
         logits, hidden_states, _ = stage.output
         return HARTTransformerOutput(logits=logits, hidden_states=hidden_states, kv_cache=self.kv_cache)
