@@ -8,10 +8,18 @@ with 8 steps, a Qwen2-1.5B-shaped text encoder. Two configs, as the issue tracke
 
 Each batch size gets warm-up calls, then the median of timed calls, CUDA-synchronised. The text encoder runs once per
 call and is timed as its own phase; the end-to-end time excludes it (`prompt_embeds` are passed), as the baseline
-table does. Phases come from CUDA events around the transformer's stage calls, the residual head and the decode.
+table does; its weights leave the card while the rest is timed, so peak memory is comparable with the original's
+harness, which holds no text encoder. Phases come from CUDA events around the transformer's stage calls, the residual
+head and the decode.
 `--generator cpu` seeds the way the README does (`torch.Generator().manual_seed(s)`), `cuda` with a CUDA generator.
 
+With `--reference-dir DIR` (a checkout of mit-han-lab/hart; see `reference_hart.py`) the original is built at the
+same config with random weights and timed in the same process, after this package, at the same batch sizes, warm-ups
+and repeats (its own CUDA generator; float32 weights under float16 autocast, as its `latency_profile.py` runs), and
+the table gains the ratios.
+
     python benchmarks/bench_generate.py --output results.json
+    python benchmarks/bench_generate.py --reference-dir ../hart --output results.json
 """
 
 import argparse
@@ -32,6 +40,7 @@ from diffusers_hart.pipelines.hart.tiny import TINY_SYSTEM_PROMPT, byte_level_to
 
 PATCH_NUMS = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 CONFIGS = {"depth24-adaln_single": (24, "adaln_single"), "depth16-adaln": (16, "adaln")}
+PHASES = ("ar_stages", "diffusion_head", "decode")
 PROMPT = "A small fluffy white cat sleeping on a sunny windowsill, surrounded by pots of red flowers"
 
 
@@ -105,46 +114,89 @@ def instrument(pipe) -> PhaseTimer:
     return timer
 
 
-def time_batch(pipe, timer, batch_size, generator_device, warmup, repeats):
-    embeds = pipe.encode_prompt([PROMPT] * batch_size, device="cuda")
-    text_seconds = timer.seconds()["text_encoder"]
-    names = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
-    kwargs = dict(zip(names, embeds), guidance_scale=4.5, more_smooth=True, output_type="pt")
+def time_calls(call, batch_size, warmup, repeats, timer=None) -> dict:
+    """Median wall time of `call(seed)` over `repeats` after `warmup` calls, CUDA-synchronised; peak memory and,
+    with a `PhaseTimer`, the median of each phase."""
     torch.cuda.reset_peak_memory_stats()
     times, phases = [], []
     for i in range(warmup + repeats):
-        generator = torch.Generator(generator_device).manual_seed(i)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        pipe(generator=generator, **kwargs)
+        call(i)
         torch.cuda.synchronize()
-        seconds, phase = time.perf_counter() - start, timer.seconds()
+        seconds, phase = time.perf_counter() - start, timer.seconds() if timer else {}
         if i >= warmup:
             times.append(seconds)
             phases.append(phase)
     median = statistics.median(times)
     return {
-        "batch_size": batch_size, "generator": generator_device, "median_s": median, "min_s": min(times),
-        "max_s": max(times), "images_per_s": batch_size / median, "repeats": repeats,
+        "batch_size": batch_size, "median_s": median, "min_s": min(times), "max_s": max(times),
+        "images_per_s": batch_size / median, "repeats": repeats,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "phases_s": {"text_encoder (not in median_s)": text_seconds}
-        | {name: statistics.median(p.get(name, 0.0) for p in phases) for name in ("ar_stages", "diffusion_head", "decode")},
+        "phases_s": {name: statistics.median(p.get(name, 0.0) for p in phases) for name in PHASES} if timer else {},
     }  # fmt: skip
+
+
+def time_batch(pipe, timer, batch_size, generator_device, warmup, repeats):
+    pipe.text_encoder.to("cuda")
+    embeds = pipe.encode_prompt([PROMPT] * batch_size, device="cuda")
+    text_seconds = timer.seconds()["text_encoder"]
+    # the text encoder is timed on its own and the original's harness holds none: keep its weights out of the peak
+    pipe.text_encoder.to("cpu")
+    names = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+    kwargs = dict(zip(names, embeds), guidance_scale=4.5, more_smooth=True, output_type="pt")
+
+    def call(seed):
+        pipe(generator=torch.Generator(generator_device).manual_seed(seed), **kwargs)
+
+    run = time_calls(call, batch_size, warmup, repeats, timer)
+    run["phases_s"]["text_encoder (not in median_s)"] = text_seconds
+    return {"generator": generator_device, **run}
+
+
+def time_reference(reference, batch_size, warmup, repeats):
+    context = reference.context(batch_size)
+    return {"generator": "original's own (CUDA)", **time_calls(lambda seed: reference(context, seed), batch_size, warmup, repeats)}
 
 
 def markdown(results) -> str:
     lines = [
-        "| config | B | generator | median s | img/s | peak GiB | AR stages s | head s | decode s | text enc. s |",
+        "| system: config | B | generator | median s | img/s | peak GiB | AR stages s | head s | decode s | text enc. s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
-        p = run["phases_s"]
+        phases = [run["phases_s"].get(name) for name in (*PHASES, "text_encoder (not in median_s)")]
         lines.append(
-            f"| {run['config']} | {run['batch_size']} | {run['generator']} | {run['median_s']:.3f} | "
-            f"{run['images_per_s']:.2f} | {run['peak_memory_gib']:.1f} | {p['ar_stages']:.3f} | "
-            f"{p['diffusion_head']:.3f} | {p['decode']:.3f} | {p['text_encoder (not in median_s)']:.3f} |"
+            f"| {run['system']}: {run['config']} | {run['batch_size']} | {run['generator']} | {run['median_s']:.3f} | "
+            f"{run['images_per_s']:.2f} | {run['peak_memory_gib']:.1f} | "
+            + " | ".join("-" if p is None else f"{p:.3f}" for p in phases) + " |"
         )
+    ratios = speedups(results["runs"])
+    if ratios:
+        lines += ["", "| config | B | generator | original s | this package s | speed-up | peak GiB original / this |"]
+        lines.append("|---|---|---|---|---|---|---|")
+        lines += [
+            f"| {r['config']} | {r['batch_size']} | {r['generator']} | {r['original_s']:.3f} | {r['this_s']:.3f} | "
+            f"{r['speedup']:.2f}x | {r['original_peak_gib']:.1f} / {r['this_peak_gib']:.1f} |"
+            for r in ratios
+        ]
     return "\n".join(lines)
+
+
+def speedups(runs) -> list:
+    """The original's median over this package's, for every run of both at the same config and batch size."""
+    originals = {(r["config"], r["batch_size"]): r for r in runs if r["system"] == "original"}
+    ratios = []
+    for run in runs:
+        original = originals.get((run["config"], run["batch_size"]))
+        if run["system"] != "original" and original:
+            ratios.append({
+                "config": run["config"], "batch_size": run["batch_size"], "generator": run["generator"],
+                "original_s": original["median_s"], "this_s": run["median_s"],
+                "speedup": original["median_s"] / run["median_s"],
+                "original_peak_gib": original["peak_memory_gib"], "this_peak_gib": run["peak_memory_gib"],
+            })  # fmt: skip
+    return ratios
 
 
 def main():
@@ -157,6 +209,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cuda-graphs", action="store_true", help="pipe.enable_cuda_graphs() (replayed stages)")
     parser.add_argument("--label", default="diffusers_hart", help="name of the system measured, in the output")
+    parser.add_argument("--reference-dir", default=None, help="a checkout of mit-han-lab/hart to time in the same run")
     parser.add_argument("--output", default=None, help="JSON file for the results (a .md table is written beside it)")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -178,10 +231,23 @@ def main():
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
             for generator_device in args.generators.split(","):
                 run = time_batch(pipe, timer, batch_size, generator_device, args.warmup, repeats[batch_size])
-                results["runs"].append({"config": config, **run})
+                results["runs"].append({"system": args.label, "config": config, **run})
                 print(json.dumps(results["runs"][-1]), flush=True)
+        configs = (pipe.transformer.config, pipe.vae.config)
         del pipe, timer
         torch.cuda.empty_cache()
+        if args.reference_dir:
+            from reference_hart import ReferenceGenerator  # noqa: E402 (beside this file; only with --reference-dir)
+
+            torch.manual_seed(0)
+            reference = ReferenceGenerator(args.reference_dir, *configs)
+            for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+                run = time_reference(reference, batch_size, args.warmup, repeats[batch_size])
+                results["runs"].append({"system": "original", "config": config, **run})
+                print(json.dumps(results["runs"][-1]), flush=True)
+            del reference
+            torch.cuda.empty_cache()
+    results["speedups"] = speedups(results["runs"])
     table = markdown(results)
     print(table)
     if args.output:
