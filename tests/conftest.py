@@ -5,15 +5,40 @@ at test time; nothing in it is copied into the tests. Tolerances come from its
 `golden.json["tolerances"]["rules"]`, never from this file.
 """
 
+import importlib.util
 import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+
+def _import_triton_for_its_interpreter() -> None:
+    """Without CUDA, import triton as its CPU interpreter wants it, so test_ops can run the kernels there.
+
+    Triton's standard library (tl.sum, ...) is itself @triton.jit code, made interpreted or compiled when triton is
+    first imported, which diffusers does at import. So TRITON_INTERPRET=1 must be set for that first import; it is
+    removed again right after, so no op takes the fused path unless a test asks (test_ops sets it per test).
+    """
+    if torch.cuda.is_available() or "triton" in sys.modules or importlib.util.find_spec("triton") is None:
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+_import_triton_for_its_interpreter()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = Path(os.environ.get("HART_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import CASES
 
+import diffusers_hart.pipelines.hart.sampling as sampling_module
 from diffusers_hart.conversion import from_original
 from diffusers_hart.pipelines.hart.sampling import RandomStreams
 from diffusers_hart.pipelines.hart.tiny import tiny_random_pipeline
@@ -57,22 +58,23 @@ def _generate(pipe, meta, more_smooth=False):
 def _golden_draws(monkeypatch, expected, more_smooth):
     """Replace every random draw by the original's recorded one: token indices and residual noise.
 
-    On CUDA the pipeline draws with CUDA's generator (a CPU generator only seeds it), so parity with the original's
-    CPU draws is checked with those draws injected.
+    On CUDA the pipeline draws with CUDA's generator (a CPU generator only seeds it) through the fused sampler, so
+    parity with the original's CPU draws is checked with those draws injected in its place.
     """
     prefix = f"gen.smooth{int(more_smooth)}"
     stages, noises = itertools.count(), itertools.count()
     num_steps = expected[f"{prefix}.diff.step_noise"].shape[0]
 
-    def forced_tokens(self, probs):
-        return expected[f"{prefix}.stage{next(stages)}.indices"].to(probs.device)
+    def forced_tokens(logits, *args, gumbel_BlV=None, **kwargs):
+        assert gumbel_BlV is None, "the golden draws are recorded with more_smooth off"
+        return expected[f"{prefix}.stage{next(stages)}.indices"].to(logits.device), None
 
     def forced_noise(self, num_images, rows, channels, copies, dtype):
         i = next(noises)
         noise = expected[f"{prefix}.diff.noise_init"] if i == 0 else expected[f"{prefix}.diff.step_noise"][(i - 1) % num_steps]
         return noise.to(self.device, dtype)
 
-    monkeypatch.setattr(RandomStreams, "multinomial", forced_tokens)
+    monkeypatch.setattr(sampling_module, "sample_tokens", forced_tokens)
     monkeypatch.setattr(RandomStreams, "randn", forced_noise)
 
 
@@ -87,12 +89,12 @@ def test_gpu_float32_reproduces_the_original_with_its_draws(golden, case, tmp_pa
 def test_cpu_generator_draws_on_the_gpu(monkeypatch):
     pipe = tiny_random_pipeline().to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    host_draws = []
-    original = torch.multinomial
-    monkeypatch.setattr(torch, "multinomial", lambda probs, *a, **k: host_draws.append(probs.device.type) or original(probs, *a, **k))
+    draw_devices = []
+    original = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, generator=None, **k: draw_devices.append(generator.device.type) or original(*a, generator=generator, **k))
     first = pipe("a cat", generator=torch.Generator().manual_seed(3), output_type="pt").images
     again = pipe("a cat", generator=torch.Generator().manual_seed(3), output_type="pt").images
-    assert set(host_draws) == {"cuda"}
+    assert draw_devices and set(draw_devices) == {"cuda"}
     torch.testing.assert_close(first, again, atol=0, rtol=0)
 
 

@@ -203,7 +203,10 @@ def test_residual_guidance_is_continuous_where_the_head_cfg_is_one(pipe):
 
 def _count_transformer_rows(pipe):
     rows = []
-    handle = pipe.transformer.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    # the pipeline passes each stage the prompt condition it prepared once, by keyword
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["condition"].batch_size), with_kwargs=True
+    )
     return rows, handle
 
 

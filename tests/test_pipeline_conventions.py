@@ -146,11 +146,11 @@ def test_negative_embeds_with_several_images_per_prompt(pipe):
 # ---------------------------------------------------------------- sampling
 def test_top_k_and_top_p_are_respected(pipe, monkeypatch):
     """Every sampled index is inside the filter: among the k most likely, or inside the smallest top-p nucleus."""
-    import diffusers_hart.pipelines.hart.pipeline_hart as pipeline_module
+    import diffusers_hart.pipelines.hart.sampling as sampling_module
 
     logits, draws = [], []
-    original_filter, original_draw = pipeline_module.top_k_top_p_filter, RandomStreams.multinomial
-    monkeypatch.setattr(pipeline_module, "top_k_top_p_filter", lambda x, k, p: logits.append(x) or original_filter(x, k, p))
+    original_filter, original_draw = sampling_module.top_k_top_p_filter, RandomStreams.multinomial
+    monkeypatch.setattr(sampling_module, "top_k_top_p_filter", lambda x, k, p: logits.append(x) or original_filter(x, k, p))
     monkeypatch.setattr(RandomStreams, "multinomial", lambda self, probs: draws.append(original_draw(self, probs)) or draws[-1])
     top_k, top_p = 5, 0.6
     for kwargs in (dict(top_k=top_k, top_p=0.0), dict(top_k=0, top_p=top_p)):

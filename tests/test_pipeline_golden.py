@@ -10,6 +10,7 @@ import torch
 from conftest import CASES
 
 import diffusers_hart.pipelines.hart.pipeline_hart as pipeline_module
+import diffusers_hart.pipelines.hart.sampling as sampling_module
 from diffusers_hart.conversion import from_original
 from diffusers_hart.pipelines.hart.sampling import RandomStreams
 
@@ -25,7 +26,7 @@ def case_pipe(request, golden, tmp_path_factory):
 
 def _generate_with_capture(pipe, meta, more_smooth, monkeypatch):
     captured = {"logits": [], "indices": [], "fhat": []}
-    original_filter, original_multinomial = pipeline_module.top_k_top_p_filter, RandomStreams.multinomial
+    original_filter, original_multinomial = sampling_module.top_k_top_p_filter, RandomStreams.multinomial
     original_residual = pipeline_module.sample_residual_tokens
 
     def recording_filter(logits, top_k, top_p):
@@ -47,7 +48,7 @@ def _generate_with_capture(pipe, meta, more_smooth, monkeypatch):
         return captured["diff.sample_full"]
 
     monkeypatch.setattr(pipeline_module, "sample_residual_tokens", recording_residual)
-    monkeypatch.setattr(pipeline_module, "top_k_top_p_filter", recording_filter)
+    monkeypatch.setattr(sampling_module, "top_k_top_p_filter", recording_filter)
     monkeypatch.setattr(RandomStreams, "multinomial", recording_multinomial)
     image = pipe(
         meta["prompts"],

@@ -29,6 +29,7 @@ import torch
 from conftest import CASES
 
 import diffusers_hart.pipelines.hart.pipeline_hart as pipeline_module
+import diffusers_hart.pipelines.hart.sampling as sampling_module
 from diffusers_hart.conversion import from_original
 from diffusers_hart.pipelines.hart.sampling import RandomStreams, guidance_ratios
 
@@ -52,7 +53,7 @@ def _teacher_forced_run(pipe, meta, expected, monkeypatch, residual=None):
     """
     stages = itertools.count()
     post_cfg, raw, sampled = [], [], []
-    original_filter, original_head = pipeline_module.top_k_top_p_filter, pipeline_module.sample_residual_tokens
+    original_filter, original_head = sampling_module.top_k_top_p_filter, pipeline_module.sample_residual_tokens
 
     def head(*args, **kwargs):
         sampled.append(original_head(*args, **kwargs) if residual is None else residual)
@@ -67,7 +68,7 @@ def _teacher_forced_run(pipe, meta, expected, monkeypatch, residual=None):
 
     handle = pipe.transformer.register_forward_hook(lambda module, args, out: raw.append(out.logits.float()))
     with monkeypatch.context() as patched:
-        patched.setattr(pipeline_module, "top_k_top_p_filter", recording_filter)
+        patched.setattr(sampling_module, "top_k_top_p_filter", recording_filter)
         patched.setattr(RandomStreams, "multinomial", forced_draw)
         patched.setattr(pipeline_module, "sample_residual_tokens", head)
         image = pipe(

@@ -1,5 +1,6 @@
 """HART's residual diffusion head: checkpoint conversion, golden sampling parity and the training loss."""
 
+import dataclasses
 import math
 
 import pytest
@@ -176,7 +177,8 @@ def test_training_loss_matches_float64_gaussian_terms(golden):
     loss = scheduler.training_losses(torch.cat([epsilon, variance_values], 1), x_start, noise, timesteps)
 
     # The same quantities in float64 with the textbook formulas (and the exact normal CDF at t == 0).
-    coef = {name: getattr(schedule, name)[timesteps][:, None] for name in vars(schedule)}
+    tables = [field.name for field in dataclasses.fields(schedule) if field.init]
+    coef = {name: getattr(schedule, name)[timesteps][:, None] for name in tables}
     x0, eps, n = x_start.double(), epsilon.double(), noise.double()
     x_t = coef["sqrt_alphas_cumprod"] * x0 + coef["sqrt_one_minus_alphas_cumprod"] * n
     true_mean = coef["posterior_mean_coef1"] * x0 + coef["posterior_mean_coef2"] * x_t

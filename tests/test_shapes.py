@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from diffusers_hart.cli.shapes import build_eval_parser, build_make_parser, main_eval, main_make
+from diffusers_hart.cli.shapes import (
+    build_eval_parser,
+    build_make_parser,
+    build_sample_parser,
+    main_eval,
+    main_make,
+    main_sample,
+)
 from diffusers_hart.training.shapes import (
     COLOUR_NAMES,
     COLOURS,
@@ -313,8 +320,26 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "at least 1" in _one_line_error(capsys, main_make, ["--output", str(tmp_path / "n"), "--num-images", "0"])
 
 
-@pytest.mark.parametrize("build_parser", [build_make_parser, build_eval_parser])
+@pytest.mark.parametrize("build_parser", [build_make_parser, build_eval_parser, build_sample_parser])
 def test_every_argument_documents_its_default(build_parser):
     for action in build_parser()._actions:
         if action.dest != "help":
             assert "default" in action.help or "required" in action.help, action.dest
+
+
+def test_sample_writes_judged_evaluation_images_independent_of_batch_size(tmp_path, capsys):
+    """hart-sample-shapes on the tiny model: one image per evaluation prompt, seeded per image (so the batch size
+    does not change its tokens; matmuls of another batch size round differently, by ~1e-5, which can move a uint8
+    pixel by one level), an imagefolder that the evaluator judges, and the scores beside it."""
+    common = ["--model", "tiny-random", "--num-prompts", "5", "--steps", "2", "--device", "cpu"]
+    assert main_sample([*common, "--output", str(tmp_path / "a"), "--batch-size", "5"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["images"] == 5 and printed["processes"] == 1 and 0.0 <= printed["correct"] <= 1.0
+    assert main_sample([*common, "--output", str(tmp_path / "b"), "--batch-size", "2"]) == 0
+    lines = (tmp_path / "a" / "metadata.jsonl").read_text().splitlines()
+    assert [json.loads(line)["text"] for line in lines] == evaluation_prompts(5)
+    for line in lines:
+        name = json.loads(line)["file_name"]
+        a, b = (np.asarray(Image.open(tmp_path / run / name), dtype=np.int16) for run in ("a", "b"))
+        assert np.abs(a - b).max() <= 1, name
+    assert json.loads((tmp_path / "a" / "scores.json").read_text())["images"] == 5

@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 from PIL import Image
@@ -70,22 +71,16 @@ def load_pipeline(model: str, dtype: torch.dtype):
     return HARTPipeline.from_pretrained(model, dtype=dtype)
 
 
-def build_parser() -> CommandParser:
-    parser = CommandParser(prog="hart-generate", description="Generate images with HART.")
-    parser.add_argument("prompt", help="text prompt")
+def add_model_arguments(parser: CommandParser) -> None:
+    """The options that choose and run a model, shared by the commands that generate."""
     parser.add_argument(
         "--model", default=TINY_RANDOM,
         help=f"converted diffusers folder or Hub repo id; '{TINY_RANDOM}' builds a tiny untrained model "
         "(default: %(default)s)",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: %(default)s)")
     parser.add_argument(
         "--guidance-scale", type=float, default=4.5, help="classifier-free guidance scale (default: %(default)s)"
     )
-    parser.add_argument(
-        "--num-images", type=positive_int, default=1,
-        help="images of the prompt, saved as one grid (default: %(default)s)",
-    )  # fmt: skip
     parser.add_argument(
         "--steps", type=positive_int, default=None,
         help="residual-diffusion steps (default: the model's own count, 8 for HART)",
@@ -94,7 +89,6 @@ def build_parser() -> CommandParser:
         "--no-more-smooth", action="store_true",
         help="feed hard codes instead of gumbel-softmax mixtures, as for the original's FID numbers (default: off)",
     )  # fmt: skip
-    parser.add_argument("--output", default="hart.png", help="PNG path (default: %(default)s)")
     parser.add_argument(
         "--device", type=_device_name, default="auto",
         help="'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:1', ... (default: %(default)s)",
@@ -103,14 +97,32 @@ def build_parser() -> CommandParser:
         "--dtype", default="auto", choices=["auto", *DTYPES],
         help="'auto' is bf16 (or fp16) on CUDA and fp32 on CPU (default: %(default)s)",
     )  # fmt: skip
+
+
+def pipeline_from_arguments(args: argparse.Namespace, device: Optional[torch.device] = None):
+    """The pipeline `add_model_arguments`' options ask for, on its device (`device`, when given, wins over
+    `--device`: a launcher's process device)."""
+    device = device or _resolve_device(args.device)  # before loading: a wrong device should not cost a model load
+    dtype = _resolve_dtype(args.dtype, device)
+    return load_pipeline(args.model, dtype).to(device)
+
+
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="hart-generate", description="Generate images with HART.")
+    parser.add_argument("prompt", help="text prompt")
+    add_model_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default: %(default)s)")
+    parser.add_argument(
+        "--num-images", type=positive_int, default=1,
+        help="images of the prompt, saved as one grid (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--output", default="hart.png", help="PNG path (default: %(default)s)")
     return parser
 
 
 def generate(args: argparse.Namespace) -> None:
     """Run `hart-generate` with parsed arguments and save the PNG."""
-    device = _resolve_device(args.device)  # before loading: a wrong device should not cost a model load
-    dtype = _resolve_dtype(args.dtype, device)
-    pipe = load_pipeline(args.model, dtype).to(device)
+    pipe = pipeline_from_arguments(args)
     images = pipe(
         args.prompt,
         guidance_scale=args.guidance_scale,
@@ -131,7 +143,7 @@ def generate(args: argparse.Namespace) -> None:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     image.save(output)
-    logger.info(f"Saved {output} ({image.width}x{image.height}, device {device}, dtype {dtype})")
+    logger.info(f"Saved {output} ({image.width}x{image.height}, device {pipe.device}, dtype {pipe.transformer.dtype})")
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,8 @@
     hart-make-shapes --output shapes-train --num-images 10000
     hart-make-shapes --output shapes-eval --num-images 500 --split eval --seed 1
     hart-eval-shapes generated/ --output scores.json
+    hart-sample-shapes --model shapes-model --output generated --num-prompts 200   # then judges them
+    accelerate launch --num_processes 2 -m diffusers_hart.cli.shapes sample --model ... # split across 2 GPUs
 
 `hart-eval-shapes` judges any imagefolder whose `metadata.jsonl` pairs images with shapes captions: a dataset made
 here (its own ground truth scores 100%) or images a model generated from `evaluation_prompts`.
@@ -11,9 +13,11 @@ Errors the user can fix are one line on stderr with exit status 2; `--debug` sho
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 
-from ..training.shapes import MAX_SIDE, MIN_SIDE, SPLITS, evaluate_folder, write_dataset
+from ..training.shapes import MAX_SIDE, MIN_SIDE, SPLITS, evaluate_folder, evaluation_prompts, write_dataset
 from .parser import CommandParser, positive_int
 
 
@@ -52,6 +56,27 @@ def build_eval_parser() -> CommandParser:
     return parser
 
 
+def build_sample_parser() -> CommandParser:
+    from .generate import add_model_arguments
+
+    parser = CommandParser(
+        prog="hart-sample-shapes",
+        description="Generate the shapes evaluation prompts with a model into an imagefolder, then judge them. Under "
+        "`accelerate launch` the prompts are split across the processes.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--output", required=True, help="folder for the images and metadata.jsonl (required)")
+    parser.add_argument(
+        "--num-prompts", type=positive_int, default=200, help="evaluation prompts, at most 606 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--prompt-seed", type=int, default=0, help="seed choosing the evaluation prompts (default: %(default)s)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="image i is seeded seed + i (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="images per call (default: %(default)s)")
+    return parser
+
+
 def _make(args: argparse.Namespace) -> None:
     write_dataset(args.output, args.num_images, args.size, args.seed, args.split, args.overwrite)
     print(f"Wrote {args.num_images} {args.split} images of {args.size}x{args.size} pixels to {args.output}")
@@ -66,6 +91,29 @@ def _evaluate(args: argparse.Namespace) -> None:
         output.write_text(json.dumps({**summary, "per_image": per_image}, indent=2) + "\n")
 
 
+def _sample(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
+    from ..training.shapes_generation import generate_folder
+    from .generate import pipeline_from_arguments
+
+    state = PartialState()
+    prompts = evaluation_prompts(args.num_prompts, args.prompt_seed)
+    pipe = pipeline_from_arguments(args, state.device if args.device == "auto" else None)
+    pipe.set_progress_bar_config(disable=True)
+    start = time.perf_counter()
+    generate_folder(
+        pipe, prompts, args.output, batch_size=args.batch_size, seed=args.seed,
+        guidance_scale=args.guidance_scale, more_smooth=not args.no_more_smooth, num_inference_steps=args.steps,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    if state.is_main_process:
+        summary, per_image = evaluate_folder(args.output)
+        summary |= {"generation_seconds": seconds, "processes": state.num_processes, "model": args.model}
+        print(json.dumps(summary, indent=2))
+        (Path(args.output) / "scores.json").write_text(json.dumps({**summary, "per_image": per_image}, indent=2) + "\n")
+
+
 def main_make(argv=None) -> int:
     """Entry point of `hart-make-shapes`: returns 0, or exits with status 2 and a one-line error."""
     return build_make_parser().run(_make, argv)
@@ -74,3 +122,15 @@ def main_make(argv=None) -> int:
 def main_eval(argv=None) -> int:
     """Entry point of `hart-eval-shapes`: returns 0, or exits with status 2 and a one-line error."""
     return build_eval_parser().run(_evaluate, argv)
+
+
+def main_sample(argv=None) -> int:
+    """Entry point of `hart-sample-shapes`: returns 0, or exits with status 2 and a one-line error."""
+    return build_sample_parser().run(_sample, argv)
+
+
+if __name__ == "__main__":  # `python -m diffusers_hart.cli.shapes {make,eval,sample} ...`, e.g. under accelerate launch
+    commands = {"make": main_make, "eval": main_eval, "sample": main_sample}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        sys.exit(f"usage: python -m diffusers_hart.cli.shapes {{{','.join(commands)}}} ...")
+    sys.exit(commands[sys.argv[1]](sys.argv[2:]))

@@ -20,7 +20,7 @@ float32 only when a step uses them, so that float32 samples match the original b
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -63,6 +63,7 @@ class HARTDiffusionSchedule:
     posterior_log_variance_clipped: torch.Tensor
     posterior_mean_coef1: torch.Tensor
     posterior_mean_coef2: torch.Tensor
+    _float32_tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_betas(cls, betas: np.ndarray) -> "HARTDiffusionSchedule":
@@ -89,8 +90,15 @@ class HARTDiffusionSchedule:
         return cls(**{name: torch.from_numpy(value) for name, value in arrays.items()})
 
     def gather(self, name: str, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """`name[index]` rounded to float32 and shaped to broadcast against `like` (batch first)."""
-        values = getattr(self, name)[index.cpu()].to(dtype=torch.float32)
+        """`name[index]` rounded to float32 and shaped to broadcast against `like` (batch first).
+
+        The lookup happens on `index`'s device, in a float32 copy of the table made once per device (the same values
+        as rounding after the lookup), so a training step on a GPU neither waits for nor copies through the host.
+        """
+        table = self._float32_tables.get((name, index.device))
+        if table is None:
+            table = self._float32_tables[(name, index.device)] = getattr(self, name).to(torch.float32).to(index.device)
+        values = table[index]
         return values.reshape(values.shape + (1,) * (like.ndim - values.ndim)).to(like.device)
 
 

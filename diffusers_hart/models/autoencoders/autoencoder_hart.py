@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.autoencoders.vae import DecoderOutput, EncoderOutput
+from diffusers.models.autoencoders.vae import AutoencoderMixin, DecoderOutput, EncoderOutput
 
 # A saved pipeline names this module as the component's library, and diffusers finds how to load a component of a
 # library outside diffusers by looking its base classes up by name in that module: `ModelMixin` must be bound here.
@@ -20,6 +20,27 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from ..modeling_utils import HARTModelMixin
 from ..normalization import Float32GroupNorm
 from .hybrid_quantizer import HARTHybridQuantizer
+
+
+def _tile_starts(size: int, tile: int, stride: int) -> List[int]:
+    """Starts of the fewest tiles of side `tile` that cover `size` with steps of at most `stride`, spread evenly so
+    that the last one ends at the edge: every tile is whole (a short tail tile would decode from little context)."""
+    if size <= tile:
+        return [0]
+    count = -(-(size - tile) // stride) + 1
+    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
+
+
+def _blend_ramp(length: int, ramp_in: int, ramp_out: int, device) -> torch.Tensor:
+    """1-D blending weights of a tile: rising linearly over its first `ramp_in` samples, falling over its last
+    `ramp_out`, 1 between. Over an overlap of o samples one tile's fall and the next one's rise sum to 1."""
+    centers = torch.arange(length, dtype=torch.float32, device=device) + 0.5
+    weights = torch.ones(length, dtype=torch.float32, device=device)
+    if ramp_in:
+        weights = torch.minimum(weights, centers / ramp_in)
+    if ramp_out:
+        weights = torch.minimum(weights, (length - centers) / ramp_out)
+    return weights
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -194,7 +215,7 @@ class HARTDecoder(_CheckpointedStages):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class HARTAutoEncoder(HARTModelMixin, ConfigMixin):
+class HARTAutoEncoder(HARTModelMixin, AutoencoderMixin, ConfigMixin):
     r"""
     The HART tokenizer: encoder, hybrid multi-scale quantizer and decoder.
 
@@ -222,6 +243,21 @@ class HARTAutoEncoder(HARTModelMixin, ConfigMixin):
         default_qresi_counts (`int`, defaults to 0): Number of `Phi` convs when `share_quant_resi == 0` (0: one per
             stage).
         beta (`float`, defaults to 0.25): Commitment weight of the training VQ loss.
+
+    Memory of `decode` (the largest activations of a generation: at 1024 px one image's first decoder level holds
+    `ch` x 1024 x 1024 values, and the norms work in float32):
+        * `enable_slicing()`: decode (and encode) one image of the batch at a time.
+        * `enable_tiling()`: decode overlapping latent tiles one after the other and blend them linearly where they
+          overlap (see `enable_tiling`). Encoding is never tiled.
+        * `use_channels_last` (attribute, default `False`): on CUDA, decode in the channels-last memory format that
+          cuDNN's fastest half-precision convolutions use (the decoder's conv weights are converted once); the
+          returned images are contiguous as before, equal up to the convolutions' rounding. It changes nothing on
+          other devices. Off by default: with torch 2.11 on an H200 (bf16, 1024 px, B=1) it decoded in 0.135 s
+          instead of 0.087 s with 2.8 instead of 2.2 GiB, since CUDA's group norm there works in the contiguous
+          format and converts every activation back and forth; turn it on where group norm keeps channels-last.
+
+    Measured on an H200 (torch 2.11, bf16, 1024 px, the release's decoder, memory above the weights): a batch of 4
+    peaked at 11.3 GiB (0.41 s); sliced, at 2.9 GiB (0.54 s); sliced and tiled in 512 px tiles, at 0.76 GiB.
     """
 
     _supports_gradient_checkpointing = True
@@ -259,11 +295,109 @@ class HARTAutoEncoder(HARTModelMixin, ConfigMixin):
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, padding=quant_conv_ks // 2)
         self.decoder = HARTDecoder(out_channels, z_channels, ch, ch_mult, num_res_blocks, dropout)
 
+        self.spatial_compression_ratio = 2 ** (len(ch_mult) - 1)
+        # diffusers' switches (`AutoencoderMixin.enable_slicing`, `enable_tiling` below); decoding only, off by default
+        self.use_slicing = False
+        self.use_tiling = False
+        # 576 px tiles every 448 px at most: a 1024 px image is 2 x 2 tiles of 36 latents overlapping by 128 px (1.27x
+        # the pixels decoded); autoencoder_dc's 512 px tiles would take 3 x 3 (2.25x)
+        self.tile_sample_min_height = 576
+        self.tile_sample_min_width = 576
+        self.tile_sample_stride_height = 448
+        self.tile_sample_stride_width = 448
+        self.use_channels_last = False
+
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_conv(self.encoder(x))
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
+
+    def enable_tiling(
+        self,
+        tile_sample_min_height: Optional[int] = None,
+        tile_sample_min_width: Optional[int] = None,
+        tile_sample_stride_height: Optional[int] = None,
+        tile_sample_stride_width: Optional[int] = None,
+    ) -> None:
+        r"""
+        Decode latents larger than a tile as overlapping tiles, one after the other, blended linearly where they
+        overlap. Peak memory follows the tile instead of the image.
+
+        A tile sees only its own latents: the decoder's convolutions near a tile's border, its group norms'
+        statistics and its attention at the lowest resolution differ from a whole-image decode there. Each output
+        pixel is a convex combination of the tiles that cover it, so it is never further from the whole-image decode
+        than the worst of those tiles; away from overlaps it is exactly one tile's decode.
+
+        Args:
+            tile_sample_min_height (`int`, *optional*), tile_sample_min_width (`int`, *optional*): Tile size in
+                pixels (a multiple of `spatial_compression_ratio`); an image no larger is decoded whole.
+            tile_sample_stride_height (`int`, *optional*), tile_sample_stride_width (`int`, *optional*): Largest step
+                between tiles in pixels, smaller than the tile so that tiles overlap; the tiles are spread evenly so
+                the last one ends at the edge, and overlap at least `tile - stride`.
+        """
+        given = lambda value, default: default if value is None else value  # noqa: E731
+        height = given(tile_sample_min_height, self.tile_sample_min_height)
+        width = given(tile_sample_min_width, self.tile_sample_min_width)
+        stride_height = given(tile_sample_stride_height, self.tile_sample_stride_height)
+        stride_width = given(tile_sample_stride_width, self.tile_sample_stride_width)
+        factor = self.spatial_compression_ratio
+        for name, tile, stride in (("height", height, stride_height), ("width", width, stride_width)):
+            if tile % factor or stride % factor or not 0 < stride < tile:
+                raise ValueError(
+                    f"tile_sample_min_{name}={tile} and tile_sample_stride_{name}={stride} must be multiples of "
+                    f"{factor} (the latent-to-pixel factor) with 0 < stride < tile, so that tiles overlap."
+                )
+        self.tile_sample_min_height, self.tile_sample_min_width = height, width
+        self.tile_sample_stride_height, self.tile_sample_stride_width = stride_height, stride_width
+        self.use_tiling = True
+
+    def _decode_on_device(self, z: torch.Tensor) -> torch.Tensor:
+        """`_decode` for inference: channels-last on CUDA (see the class docstring), contiguous images out."""
+        if not (self.use_channels_last and z.device.type == "cuda"):
+            return self._decode(z)
+        # once, and only where the weights live on the GPU (not the meta placeholders of sequential offload)
+        weight = self.decoder.conv_in.weight
+        if weight.device.type == "cuda" and not weight.is_contiguous(memory_format=torch.channels_last):
+            self.post_quant_conv.to(memory_format=torch.channels_last)
+            self.decoder.to(memory_format=torch.channels_last)
+        return self._decode(z.contiguous(memory_format=torch.channels_last)).contiguous()
+
+    def _decode_maybe_tiled(self, z: torch.Tensor) -> torch.Tensor:
+        factor = self.spatial_compression_ratio
+        tile_height, tile_width = self.tile_sample_min_height // factor, self.tile_sample_min_width // factor
+        if self.use_tiling and (z.shape[-2] > tile_height or z.shape[-1] > tile_width):
+            return self.tiled_decode(z, return_dict=False)[0]
+        return self._decode_on_device(z)
+
+    def tiled_decode(self, z: torch.Tensor, return_dict: bool = True) -> Union[DecoderOutput, Tuple[torch.Tensor]]:
+        """Decode `z` tile by tile (see `enable_tiling`); unclamped, as `_decode`."""
+        factor = self.spatial_compression_ratio
+        tile_h, tile_w = self.tile_sample_min_height // factor, self.tile_sample_min_width // factor
+        rows = _tile_starts(z.shape[-2], tile_h, self.tile_sample_stride_height // factor)
+        cols = _tile_starts(z.shape[-1], tile_w, self.tile_sample_stride_width // factor)
+        tile_h, tile_w = min(tile_h, z.shape[-2]), min(tile_w, z.shape[-1])
+        # overlap in pixels of each tile with the one before it and the one after it
+        overlaps = lambda starts, tile: [(a + tile - b) * factor for a, b in zip(starts, starts[1:])]  # noqa: E731
+        row_overlaps, col_overlaps = overlaps(rows, tile_h), overlaps(cols, tile_w)
+        # float32 sums of weighted tiles and of weights: three image channels, small beside one tile's activations
+        out = None
+        weight_sum = torch.zeros(z.shape[-2] * factor, z.shape[-1] * factor, dtype=torch.float32, device=z.device)
+        for i, r in enumerate(rows):
+            ramp_h = _blend_ramp(tile_h * factor, ([0] + row_overlaps)[i], (row_overlaps + [0])[i], z.device)
+            for j, c in enumerate(cols):
+                ramp_w = _blend_ramp(tile_w * factor, ([0] + col_overlaps)[j], (col_overlaps + [0])[j], z.device)
+                tile = self._decode_on_device(z[:, :, r : r + tile_h, c : c + tile_w])
+                if out is None:
+                    out = torch.zeros(*tile.shape[:2], *weight_sum.shape, dtype=torch.float32, device=z.device)
+                weights = ramp_h[:, None] * ramp_w[None, :]
+                region = (slice(r * factor, (r + tile_h) * factor), slice(c * factor, (c + tile_w) * factor))
+                out[:, :, region[0], region[1]] += tile.float() * weights
+                weight_sum[region] += weights
+        decoded = (out / weight_sum).to(z.dtype)
+        if not return_dict:
+            return (decoded,)
+        return DecoderOutput(sample=decoded)
 
     @apply_forward_hook
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> Union[EncoderOutput, Tuple[torch.Tensor]]:
@@ -271,7 +405,10 @@ class HARTAutoEncoder(HARTModelMixin, ConfigMixin):
 
         Tokenize `f` with `latent_to_indices`.
         """
-        latent = self._encode(x)
+        if self.use_slicing and x.shape[0] > 1:
+            latent = torch.cat([self._encode(image) for image in x.split(1)])
+        else:
+            latent = self._encode(x)
         if not return_dict:
             return (latent,)
         return EncoderOutput(latent=latent)
@@ -293,8 +430,15 @@ class HARTAutoEncoder(HARTModelMixin, ConfigMixin):
 
     @apply_forward_hook
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> Union[DecoderOutput, Tuple[torch.Tensor]]:
-        """Decode a latent or an accumulated `f_hat` (B, z_channels, h, w) to images clamped to [-1, 1]."""
-        sample = self._decode(z).clamp(-1, 1)
+        """Decode a latent or an accumulated `f_hat` (B, z_channels, h, w) to images clamped to [-1, 1].
+
+        With `enable_slicing()` one image at a time, with `enable_tiling()` tile by tile (see the class docstring).
+        """
+        if self.use_slicing and z.shape[0] > 1:
+            sample = torch.cat([self._decode_maybe_tiled(latent) for latent in z.split(1)])
+        else:
+            sample = self._decode_maybe_tiled(z)
+        sample = sample.clamp(-1, 1)
         if not return_dict:
             return (sample,)
         return DecoderOutput(sample=sample)

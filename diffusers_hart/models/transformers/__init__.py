@@ -1,4 +1,4 @@
 from .kv_cache import HARTKVCache
-from .transformer_hart import HARTTransformer2DModel, HARTTransformerOutput
+from .transformer_hart import HARTPromptCondition, HARTTransformer2DModel, HARTTransformerOutput
 
-__all__ = ["HARTKVCache", "HARTTransformer2DModel", "HARTTransformerOutput"]
+__all__ = ["HARTKVCache", "HARTPromptCondition", "HARTTransformer2DModel", "HARTTransformerOutput"]

@@ -15,12 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 # diffusers loads a component of a library outside diffusers by looking its base classes up by name in the module
 # that `model_index.json` names: `ModelMixin` must be bound here.
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.utils import BaseOutput
 
-from ...ops import apply_rotary_emb, modulate, rms_norm
+from ...ops import apply_rotary_emb, rms_norm, rms_norm_modulate, swiglu
 from ..embeddings import HARTLevelEmbedding, image_token_grid, image_token_positions, rotary_1d, rotary_2d
 from ..modeling_utils import HARTModelMixin
 from ..residual_diffusion import HARTResidualDiffusionMLP
@@ -48,6 +49,66 @@ class HARTTransformerOutput(BaseOutput):
     kv_cache: Optional[HARTKVCache] = None
 
 
+@dataclass
+class HARTPromptCondition:
+    """
+    Everything the stage-by-stage forward needs from the text context: it depends on the prompt alone, so one
+    generation computes it once (`HARTTransformer2DModel.prepare_condition`) instead of once per scale.
+
+    Args:
+        tokens (`torch.Tensor` of shape `(B, context_length, hidden_size)`): The embedded context (stage 0's input).
+        pooled (`torch.Tensor` of shape `(B, hidden_size)`): The context pooled for the blocks' modulation.
+        block_modulation (`torch.Tensor` of shape `(num_layers, B, 6, hidden_size)`, *optional*): Every block's
+            (gamma1, gamma2, scale1, scale2, shift1, shift2); `None` for "prenorm" blocks.
+        output_modulation (`torch.Tensor` of shape `(B, 2, hidden_size)`): (scale, shift) of the output norm.
+        position_offset (`torch.Tensor` of shape `(B,)`): The last context position id, added to every image
+            token's 2-D position.
+        text_rotary (`Tuple[torch.Tensor, torch.Tensor]`, each `(B, context_length, head_dim)`): The context's RoPE
+            cos and sin.
+    """
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+    block_modulation: Optional[torch.Tensor]
+    output_modulation: torch.Tensor
+    position_offset: torch.Tensor
+    text_rotary: Tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    def _tensors(self):
+        return (self.tokens, self.pooled, self.block_modulation, self.output_modulation, self.position_offset,
+                *self.text_rotary)  # fmt: skip
+
+    def clone(self) -> "HARTPromptCondition":
+        """A copy in new memory, e.g. the static buffers a CUDA graph reads."""
+        tokens, pooled, block, output, offset, cos, sin = (None if t is None else t.clone() for t in self._tensors())
+        return HARTPromptCondition(tokens, pooled, block, output, offset, (cos, sin))
+
+    def copy_(self, other: "HARTPromptCondition") -> "HARTPromptCondition":
+        """Overwrite these tensors in place with `other`'s (same shapes), keeping their addresses."""
+        for mine, theirs in zip(self._tensors(), other._tensors()):
+            if mine is not None:
+                mine.copy_(theirs)
+        return self
+
+
+def _call_under_offload_hook(module: nn.Module, method, *args):
+    """`method(*args)` of `module`, run as `module(...)` would run under an accelerate hook.
+
+    Offloading hooks wrap `forward` only: under sequential offload a module's own parameters (the "adaln_single"
+    table) live on the meta device outside it, and under model offload the whole model sits on the CPU until its
+    first forward. diffusers' `apply_forward_hook` does the first half (onload); the weights go back after, too.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return method(*args)
+    args, _ = hook.pre_forward(module, *args)
+    return hook.post_forward(module, method(*args))
+
+
 class HARTRMSNorm(nn.Module):
     """RMSNorm with a learnable weight (the original keeps one even where it asks for none)."""
 
@@ -56,8 +117,16 @@ class HARTRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden_states, self.weight, self.eps)
+    def forward(
+        self, hidden_states: torch.Tensor, scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """RMSNorm, then AdaLN modulation `* (1 + scale) + shift` when given, in one fused op on CUDA.
+
+        Through the module (not `rms_norm` on its weight) so that offload and casting hooks apply.
+        """
+        if scale is None:
+            return rms_norm(hidden_states, self.weight, self.eps)
+        return rms_norm_modulate(hidden_states, self.weight, self.eps, scale, shift)
 
 
 class HARTAttention(nn.Module):
@@ -104,7 +173,7 @@ class HARTFeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        return self.down_proj(swiglu(self.gate_proj(hidden_states), self.up_proj(hidden_states)))
 
 
 class HARTTransformerBlock(nn.Module):
@@ -145,7 +214,10 @@ class HARTTransformerBlock(nn.Module):
         layer_index: int = 0,
         attention_mask: Optional[torch.Tensor] = None,
         store_kv: bool = True,
+        modulation: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """`modulation`: this block's (B, 6, C) modulation computed ahead (see `HARTPromptCondition`); without it,
+        it is computed from `pooled_condition`."""
         attn_kwargs = dict(
             rotary_emb=rotary_emb, kv_cache=kv_cache, layer_index=layer_index, attention_mask=attention_mask,
             store_kv=store_kv,
@@ -153,10 +225,12 @@ class HARTTransformerBlock(nn.Module):
         if self.conditioning == "prenorm":
             hidden_states = hidden_states + self.attn(self.norm(hidden_states), **attn_kwargs)
             return hidden_states + self.ff(self.norm(hidden_states))
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(pooled_condition).unsqueeze(2).unbind(1)
-        attn_out = self.attn(modulate(self.norm(hidden_states), scale1, shift1), **attn_kwargs)
+        if modulation is None:
+            modulation = self.modulation(pooled_condition)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.unsqueeze(2).unbind(1)
+        attn_out = self.attn(self.norm(hidden_states, scale1, shift1), **attn_kwargs)
         hidden_states = hidden_states + attn_out * gamma1
-        ff_out = self.ff(modulate(self.norm(hidden_states), scale2, shift2))
+        ff_out = self.ff(self.norm(hidden_states, scale2, shift2))
         return hidden_states + ff_out * gamma2
 
 
@@ -168,10 +242,34 @@ class HARTAdaLayerNormOut(nn.Module):
         self.norm = HARTRMSNorm(dim, norm_eps)
         self.linear = nn.Linear(dim, 2 * dim)
 
-    def forward(self, hidden_states: torch.Tensor, condition_BLD: torch.Tensor) -> torch.Tensor:
+    def modulation(self, condition_BLD: torch.Tensor) -> torch.Tensor:
+        """(B, 2, C) scale and shift from the condition tokens, max-pooled over all of them."""
         pooled = condition_BLD.max(dim=1).values
-        scale, shift = self.linear(F.silu(pooled)).view(-1, 2, hidden_states.shape[-1]).unsqueeze(2).unbind(1)
-        return modulate(self.norm(hidden_states), scale, shift)
+        return self.linear(F.silu(pooled)).view(pooled.shape[0], 2, -1)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        condition_BLD: Optional[torch.Tensor] = None,
+        modulation: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Give the condition tokens `condition_BLD`, or their `modulation` computed ahead."""
+        if modulation is None:
+            modulation = self.modulation(condition_BLD)
+        scale, shift = modulation.unsqueeze(2).unbind(1)
+        return self.norm(hidden_states, scale, shift)
+
+
+def _keep_last_scale(sequence_BLC: torch.Tensor, kept_positions_BK: torch.Tensor, num_last: int) -> torch.Tensor:
+    """Drop entries of the last scale from a sequence that ends with its `num_last` rows: every earlier row, then the
+    rows at `kept_positions_BK` (B, K) of the last scale, in that order.
+
+    A gather of a size known on the host: boolean-mask indexing would have to read the number kept off the device.
+    """
+    B, L, C = sequence_BLC.shape
+    kept_rows = kept_positions_BK.to(sequence_BLC.device).long() + (L - num_last)
+    kept_BKC = sequence_BLC.gather(1, kept_rows.unsqueeze(-1).expand(B, -1, C))
+    return torch.cat((sequence_BLC[:, : L - num_last], kept_BKC), dim=1)
 
 
 def pool_condition(condition_BLD: torch.Tensor, mask_BL: torch.Tensor, mode: str) -> torch.Tensor:
@@ -183,7 +281,7 @@ def pool_condition(condition_BLD: torch.Tensor, mask_BL: torch.Tensor, mode: str
     return (condition_BLD * mask / mask.sum(dim=1, keepdim=True).clamp(min=1)).sum(dim=1)
 
 
-class HARTTransformer2DModel(HARTModelMixin, ConfigMixin):
+class HARTTransformer2DModel(HARTModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     The HART text-to-image transformer with its residual-diffusion head.
 
@@ -207,6 +305,11 @@ class HARTTransformer2DModel(HARTModelMixin, ConfigMixin):
         diffusion_head_width (`int`), diffusion_head_depth (`int`): Width and residual blocks of the diffusion MLP.
         residual_scale (`float`): The diffusion head models `residual / residual_scale`.
         cond_drop_rate (`float`), diffusion_batch_mul (`int`): Training settings kept with the model, as the original does.
+
+    LoRA: `PeftAdapterMixin` gives `add_adapter(LoraConfig(...))`, `save_lora_adapter(folder)` and
+    `load_lora_adapter(folder, prefix=None, use_safetensors=True)` (the saved keys carry no "transformer." prefix).
+    The attention (`to_qkv`, `to_out`) and MLP (`gate_proj`, `up_proj`, `down_proj`) projections are plain
+    `nn.Linear` layers for peft to wrap.
     """
 
     _supports_gradient_checkpointing = True
@@ -282,6 +385,9 @@ class HARTTransformer2DModel(HARTModelMixin, ConfigMixin):
         image_grid, image_grid_side = image_token_grid(patch_nums)
         self.register_buffer("image_grid", image_grid, persistent=False)
         self.register_buffer("image_grid_side", image_grid_side, persistent=False)
+        # (device, dtype) -> additive block-causal mask of the whole pyramid, built on first use (see
+        # `_block_causal_mask`); not a buffer, since every compute dtype needs its own and none belongs in a checkpoint
+        self._block_causal_masks = {}
 
     @property
     def num_stages(self) -> int:
@@ -316,28 +422,118 @@ class HARTTransformer2DModel(HARTModelMixin, ConfigMixin):
         """Condition of the diffusion head: last-scale hidden states plus the embedded sampled code vectors."""
         return self.diffusion_condition_norm(hidden_states + self.latent_embed(token_vectors))
 
-    def _image_rotary(self, image_slice: slice, offset_B, keep=None):
+    def _image_rotary(self, image_slice: slice, offset_B, kept_positions=None):
         grid_L2, side_L = self.image_grid[image_slice], self.image_grid_side[image_slice]
         positions = image_token_positions(grid_L2, side_L, self.config.patch_nums[-1]).unsqueeze(0) + offset_B.view(-1, 1, 1)
-        if keep is not None:
-            positions = positions[keep].view(offset_B.shape[0], -1, 2)
+        if kept_positions is not None:
+            positions = _keep_last_scale(positions, kept_positions, self.config.patch_nums[-1] ** 2)
         return rotary_2d(positions, self.head_dim, self.config.rope_theta)
 
-    def _training_attention_mask(self, level_ids_L: torch.Tensor, dtype) -> torch.Tensor:
-        """Additive mask: a token sees every token of its own and earlier levels."""
-        visible = level_ids_L[:, None] >= level_ids_L[None, :]
-        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    def _block_causal_mask(self, num_tokens: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Additive (num_tokens, num_tokens) mask of the first `num_tokens` tokens of the pyramid: a token sees every
+        token of its own and earlier levels.
 
-    def forward(
+        One mask of the whole pyramid is cached per (device, dtype), and a call gets a view of its top-left block:
+        dropping last-scale tokens leaves a prefix of the levels, so every sequence length, whatever the mask ratio,
+        shares the one mask (a cache keyed on the length would add an entry per kept count). Its rows are padded to a
+        multiple of 16 elements so that the view keeps the row alignment memory-efficient attention wants; an
+        unaligned mask is padded into a new tensor by `scaled_dot_product_attention` in every layer of every step.
+        """
+        key = (device, dtype)
+        if key not in self._block_causal_masks:
+            level_ids = self.level_ids.to(device)
+            num_total = level_ids.shape[0]
+            padded = torch.zeros(num_total, -(-num_total // 16) * 16, dtype=dtype, device=device)
+            hidden = level_ids[:, None] < level_ids[None, :]
+            self._block_causal_masks[key] = padded[:, :num_total].masked_fill_(hidden, float("-inf"))
+        return self._block_causal_masks[key][:num_tokens, :num_tokens]
+
+    def prepare_condition(
         self,
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor,
         encoder_position_ids: torch.Tensor,
+    ) -> HARTPromptCondition:
+        """The prompt-only inputs of stage-by-stage inference, computed once per generation (see `forward`'s
+        `condition`): the embedded context, its pooled form, every block's modulation, the output norm's scale and
+        shift, the image-position offset and the text RoPE tables. Arguments as in `forward`."""
+        # under model CPU offload the pipeline calls this before the first forward has brought the weights over
+        return _call_under_offload_hook(
+            self, self._prepare_condition, encoder_hidden_states, encoder_attention_mask, encoder_position_ids
+        )
+
+    def _prepare_condition(self, encoder_hidden_states, encoder_attention_mask, encoder_position_ids):
+        condition_BLD = self.embed_context(encoder_hidden_states)
+        pooling = "avg" if self.config.block_conditioning == "adaln_single" else self.config.adaln_pooling
+        pooled = pool_condition(condition_BLD, encoder_attention_mask, pooling)
+        block_modulation = None
+        if self.config.block_conditioning != "prenorm":
+            # block by block, as a stage would compute them (one fused matmul would round differently)
+            block_modulation = torch.stack(
+                [_call_under_offload_hook(block, block.modulation, pooled) for block in self.transformer_blocks]
+            )
+        return HARTPromptCondition(
+            tokens=condition_BLD,
+            pooled=pooled,
+            block_modulation=block_modulation,
+            output_modulation=self.norm_out.modulation(condition_BLD),
+            position_offset=encoder_position_ids[:, -1],
+            text_rotary=rotary_1d(encoder_position_ids, self.head_dim, self.config.rope_theta),
+        )
+
+    def _forward_stage(
+        self,
+        latent_tokens: Optional[torch.Tensor],
+        stage_index: int,
+        kv_cache: Optional[HARTKVCache],
+        condition: HARTPromptCondition,
+        return_dict: bool,
+    ):
+        """One scale of inference with the KV cache; see `forward`."""
+        if kv_cache is None:
+            raise ValueError("stage-by-stage inference (stage_index set) needs a kv_cache")
+        start, end = self.stage_starts[stage_index], self.stage_starts[stage_index + 1]
+
+        # 1. input tokens and their rotary tables
+        # one level per stage: embed it once and broadcast, not once per token (4096 at the last stage)
+        level_embedding = self.level_embed(self.level_ids[start : start + 1], condition.tokens.dtype)
+        if stage_index == 0:
+            tokens = condition.tokens + level_embedding
+            rotary_emb = condition.text_rotary
+        else:
+            tokens = self.latent_embed(latent_tokens) + level_embedding
+            ctx = self.config.context_length
+            rotary_emb = self._image_rotary(slice(start - ctx, end - ctx), condition.position_offset)
+
+        # 2. blocks, each with its modulation from the condition
+        store_kv = stage_index < self.num_stages - 1  # no later stage reads the last one's keys and values
+        hidden_states = tokens
+        for layer_index, block in enumerate(self.transformer_blocks):
+            modulation = None if condition.block_modulation is None else condition.block_modulation[layer_index]
+            hidden_states = block(
+                hidden_states, condition.pooled, rotary_emb, kv_cache, layer_index, None, store_kv, modulation
+            )
+        if store_kv:
+            kv_cache.advance(hidden_states.shape[1])
+
+        # 3. head
+        # logits leave in float32: CFG mixing and sampling of a low-precision model stay accurate
+        logits = self.proj_out(self.norm_out(hidden_states, modulation=condition.output_modulation)).float()
+        if not return_dict:
+            return logits, hidden_states, kv_cache
+        return HARTTransformerOutput(logits=logits, hidden_states=hidden_states, kv_cache=kv_cache)
+
+    def forward(
+        self,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        encoder_position_ids: Optional[torch.Tensor] = None,
         latent_tokens: Optional[torch.Tensor] = None,
         stage_index: Optional[int] = None,
         kv_cache: Optional[HARTKVCache] = None,
         last_scale_keep: Optional[torch.Tensor] = None,
         return_dict: bool = True,
+        condition: Optional[HARTPromptCondition] = None,
     ):
         """
         Args:
@@ -352,9 +548,21 @@ class HARTTransformer2DModel(HARTModelMixin, ConfigMixin):
             stage_index (`int`, *optional*): Scale to process with the KV cache (0 = the context). `None` runs the
                 whole pyramid with a block-causal mask.
             kv_cache (`HARTKVCache`, *optional*): Required with `stage_index`; the keys/values of earlier scales.
-            last_scale_keep (`torch.Tensor` of shape `(B, pn_last**2)`, *optional*): Training only: which last-scale
-                tokens to keep (the same number per row); the others are dropped from the sequence.
+            last_scale_keep (`torch.Tensor`, *optional*): Training only: the last-scale tokens to keep, the others are
+                dropped from the sequence. Either their positions, a `(B, K)` integer tensor ascending in every row, or
+                a `(B, pn_last**2)` boolean mask with the same number K of True entries in every row. Positions cost no
+                host sync; a mask has to read K on the host.
+            condition (`HARTPromptCondition`, *optional*): With `stage_index`: the text inputs prepared once per
+                generation by `prepare_condition`; the three `encoder_*` arguments are then not needed. Without it
+                every stage prepares them again.
         """
+        if stage_index is not None:
+            if condition is None:
+                condition = self._prepare_condition(encoder_hidden_states, encoder_attention_mask, encoder_position_ids)
+            return self._forward_stage(latent_tokens, stage_index, kv_cache, condition, return_dict)
+        if condition is not None:
+            raise ValueError("`condition` serves stage-by-stage inference (with `stage_index`); training prepares its own")
+
         B = encoder_hidden_states.shape[0]
         condition_BLD = self.embed_context(encoder_hidden_states)
         offset_B = encoder_position_ids[:, -1]
@@ -363,35 +571,18 @@ class HARTTransformer2DModel(HARTModelMixin, ConfigMixin):
         # 1. input tokens and their rotary tables
         if stage_index is None:
             tokens = torch.cat((condition_BLD, self.latent_embed(latent_tokens)), dim=1)
-            keep = None
+            kept_positions = None
             if last_scale_keep is not None:
-                keep = torch.cat(
-                    (torch.ones(B, tokens.shape[1] - last_scale_keep.shape[1], dtype=torch.bool, device=tokens.device),
-                     last_scale_keep.bool()),
-                    dim=1,
-                )
-                tokens = tokens[keep].view(B, -1, tokens.shape[-1])
+                kept_positions = last_scale_keep
+                if kept_positions.dtype == torch.bool:
+                    kept_positions = kept_positions.nonzero()[:, 1].view(B, -1)
+                tokens = _keep_last_scale(tokens, kept_positions, self.config.patch_nums[-1] ** 2)
             num_tokens = tokens.shape[1]
-            level_ids = self.level_ids[:num_tokens]
-            tokens = tokens + self.level_embed(level_ids, tokens.dtype)
+            tokens = tokens + self.level_embed(self.level_ids[:num_tokens], tokens.dtype)
             cos_c, sin_c = rotary_1d(encoder_position_ids, self.head_dim, self.config.rope_theta)
-            image_keep = None if keep is None else keep[:, self.config.context_length :]
-            cos_i, sin_i = self._image_rotary(slice(None), offset_B, image_keep)
+            cos_i, sin_i = self._image_rotary(slice(None), offset_B, kept_positions)
             rotary_emb = (torch.cat((cos_c, cos_i), dim=1), torch.cat((sin_c, sin_i), dim=1))
-            attention_mask = self._training_attention_mask(level_ids, tokens.dtype)
-        else:
-            if kv_cache is None:
-                raise ValueError("stage-by-stage inference (stage_index set) needs a kv_cache")
-            start, end = self.stage_starts[stage_index], self.stage_starts[stage_index + 1]
-            # one level per stage: embed it once and broadcast, not once per token (4096 at the last stage)
-            level_embedding = self.level_embed(self.level_ids[start : start + 1], condition_BLD.dtype)
-            if stage_index == 0:
-                tokens = condition_BLD + level_embedding
-                rotary_emb = rotary_1d(encoder_position_ids, self.head_dim, self.config.rope_theta)
-            else:
-                tokens = self.latent_embed(latent_tokens) + level_embedding
-                ctx = self.config.context_length
-                rotary_emb = self._image_rotary(slice(start - ctx, end - ctx), offset_B)
+            attention_mask = self._block_causal_mask(num_tokens, tokens.device, tokens.dtype)
 
         # 2. blocks
         pooling = "avg" if self.config.block_conditioning == "adaln_single" else self.config.adaln_pooling

@@ -20,14 +20,7 @@ from ...models.transformers import HARTTransformer2DModel
 from ...schedulers import HARTResidualDiffusionScheduler
 from ...utils import existing_folder, names_local_path
 from .residual_sampling import sample_residual_tokens
-from .sampling import (
-    GeneratorArg,
-    RandomStreams,
-    default_top_k,
-    guidance_ratios,
-    smooth_token_vectors,
-    top_k_top_p_filter,
-)
+from .sampling import GeneratorArg, RandomStreams, default_top_k, guidance_ratios, sample_stage_tokens
 from .stage_runner import CUDAGraphStageRunner, EagerStageRunner
 
 logger = logging.get_logger(__name__)
@@ -58,6 +51,28 @@ def _position_ids(attention_mask_BL: torch.Tensor) -> torch.LongTensor:
 def _has_offload_hooks(module: torch.nn.Module) -> bool:
     """Whether accelerate hooks move this module's weights (model or sequential CPU offload)."""
     return any(hasattr(submodule, "_hf_hook") for submodule in module.modules())
+
+
+def _micro_batches(num_images: int, max_batch_size: Optional[int]) -> List[slice]:
+    """Consecutive rows of at most `max_batch_size` images, as even as possible: 10 with 8 give 5 + 5, not 8 + 2
+    (an even split keeps every micro-batch equally efficient, and makes at most two sizes for CUDA graphs)."""
+    if max_batch_size is None or num_images <= max_batch_size:
+        return [slice(0, num_images)]
+    count = -(-num_images // max_batch_size)
+    size, larger = divmod(num_images, count)
+    bounds = list(itertools.accumulate([size + (i < larger) for i in range(count)], initial=0))
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _streams_of_rows(streams: RandomStreams, rows: slice) -> RandomStreams:
+    """The random streams of the images `rows`: their own generators when every image has some; with one generator
+    for the whole batch, that one, which consecutive micro-batches then draw from one after the other."""
+    if not streams.per_image or rows == slice(0, len(streams.token_generators)):
+        return streams
+    view = copy.copy(streams)
+    view.token_generators = streams.token_generators[rows]
+    view.noise_generators = streams.noise_generators[rows]
+    return view
 
 
 class HARTPipeline(DiffusionPipeline):
@@ -161,11 +176,14 @@ class HARTPipeline(DiffusionPipeline):
         """Replay each transformer stage as a CUDA graph when the pipeline runs on CUDA (see `stage_runner.py`).
 
         The first call of each batch size captures its 14 stages (about as long as one eager call); later calls replay
-        them, with the KV cache and input buffers kept between calls. Meant for small batches: the captured stages
-        keep their outputs allocated (about 28 GiB at batch 16 at the release's size, where they did not fit beside
-        the KV cache on a 141 GB card; 0.7 GiB more at batch 1). Graphs read the weights where they are: call
-        `disable_cuda_graphs()` and this again after replacing the transformer's parameters (loading others, moving
-        it to another device or dtype).
+        them, with the KV cache and input buffers kept between calls. The size is the micro-batch's (`max_batch_size`
+        of `__call__`), so a large batch run in micro-batches replays the graphs of the micro-batch size; an uneven
+        split captures two sizes. Each size keeps its KV cache, its prompt-condition buffers and its stages' outputs
+        allocated (about 28 GiB at batch 16 at the release's size, where they did not fit beside the KV cache on a
+        141 GB card; 0.7 GiB more at batch 1). The prompt-only work (`HARTTransformer2DModel.prepare_condition`) runs
+        eagerly once per generation and is copied into the buffers the graphs read. Graphs read the weights where
+        they are: call `disable_cuda_graphs()` and this again after replacing the transformer's parameters (loading
+        others, moving it to another device or dtype).
         """
         self._stage_runners = {}
 
@@ -319,6 +337,7 @@ class HARTPipeline(DiffusionPipeline):
         negative_prompt_embeds=None,
         negative_prompt_attention_mask=None,
         callback_on_step_end_tensor_inputs=None,
+        max_batch_size=None,
     ):
         if (height, width) != self.supported_size:
             raise ValueError(
@@ -394,6 +413,13 @@ class HARTPipeline(DiffusionPipeline):
             raise ValueError(f"`top_p` must be in [0, 1) (0 disables it), got {top_p}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if max_batch_size is not None and (
+            isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1
+        ):
+            raise ValueError(
+                f"`max_batch_size` must be a positive integer (images per micro-batch), got {max_batch_size!r}; "
+                "leave it as None to run the whole batch at once."
+            )
         if callback_on_step_end_tensor_inputs is not None and not all(
             k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
         ):
@@ -430,6 +456,7 @@ class HARTPipeline(DiffusionPipeline):
             Union[Callable[[Any, int, int, Dict], Dict], PipelineCallback, MultiPipelineCallbacks]
         ] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        max_batch_size: Optional[int] = None,
     ):
         r"""
         Generate images from text.
@@ -468,9 +495,18 @@ class HARTPipeline(DiffusionPipeline):
             return_dict (`bool`, defaults to True): Return an [`~pipelines.ImagePipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): Called
                 after every scale as `callback_on_step_end(self, stage_index, patch_num, callback_kwargs)`; may return
-                new `latents` (the accumulated f-hat, B x C x h x w) or `prompt_embeds`.
+                new `latents` (the accumulated f-hat, B x C x h x w) or `prompt_embeds`. With micro-batches it is
+                called for every micro-batch and scale, with that micro-batch's rows.
             callback_on_step_end_tensor_inputs (`List[str]`): Tensors passed in `callback_kwargs`, of
                 `self._callback_tensor_inputs`.
+            max_batch_size (`int`, *optional*): Run at most this many images (prompts x `num_images_per_prompt`) at a
+                time through the transformer, the residual head and the VAE decoder; with guidance the transformer
+                sees twice as many rows. Peak memory (KV cache, logits, decoder activations) scales with it, throughput
+                barely: large batches are compute-bound. Micro-batches are as even as possible (10 images with 8 run
+                as 5 + 5). `None` runs the whole batch at once. Images do not depend on it when `generator` is a list
+                (each image draws from its own generators), up to the rounding of batched matmuls. With a single
+                generator the micro-batches draw one after the other from its streams, so the images differ from an
+                unsplit call's (and stay reproducible for a given seed and `max_batch_size`).
 
         Examples:
 
@@ -484,14 +520,13 @@ class HARTPipeline(DiffusionPipeline):
         self.check_inputs(
             prompt, height, width, guidance_scale, top_k, top_p, output_type, num_images_per_prompt, generator,
             num_inference_steps, max_sequence_length, prompt_embeds, prompt_attention_mask, negative_prompt,
-            negative_prompt_embeds, negative_prompt_attention_mask, callback_on_step_end_tensor_inputs,
+            negative_prompt_embeds, negative_prompt_attention_mask, callback_on_step_end_tensor_inputs, max_batch_size,
         )  # fmt: skip
         self._guidance_scale = guidance_scale
         self._interrupt = False
         device = self._execution_device
-        transformer, quantizer = self.transformer, self._quantizer_on(device)
-        patch_nums = tuple(transformer.config.patch_nums)
-        num_stages = len(patch_nums)
+        quantizer = self._quantizer_on(device)
+        num_stages = len(self.transformer.config.patch_nums)
         self._num_timesteps = num_stages
         if num_inference_steps is None:
             num_inference_steps = self.config.default_num_inference_steps
@@ -513,80 +548,134 @@ class HARTPipeline(DiffusionPipeline):
             )
         )
         batch_size = prompt_embeds.shape[0]
-        mask = prompt_attention_mask
-        if self.do_classifier_free_guidance:
-            mask = torch.cat([prompt_attention_mask, negative_prompt_attention_mask])
-        position_ids = _position_ids(mask)
 
-        def context_of(conditional_embeds):
-            if not self.do_classifier_free_guidance:
-                return conditional_embeds.to(transformer.dtype)
-            return torch.cat([conditional_embeds, negative_prompt_embeds]).to(transformer.dtype)
-
-        context = context_of(prompt_embeds)
-
-        # 2. random streams and state; f-hat accumulates in float32 whatever the model dtype
+        # 2. random streams, one set for the whole batch
         streams = RandomStreams(generator, batch_size, device)
-        codebook_VC = quantizer.codebook()
-        run_stage = self._stage_runner(context.shape[0], device)
-        side = patch_nums[-1]
-        latents = torch.zeros(batch_size, codebook_VC.shape[1], side, side, device=device, dtype=torch.float32)
-        ratios = guidance_ratios(num_stages)
-        next_input = None
+        micro_batches = _micro_batches(batch_size, max_batch_size)
 
-        # 3. scale by scale
-        with self.progress_bar(total=num_stages) as progress_bar:
-            for si, pn in enumerate(patch_nums):
-                if self.interrupt:
-                    break
-                next_tokens = None
-                if next_input is not None:
-                    next_tokens = next_input.flatten(2).transpose(1, 2).to(transformer.dtype)
-                    if self.do_classifier_free_guidance:
-                        next_tokens = next_tokens.repeat(2, 1, 1)
-                out = run_stage(context, mask, position_ids, next_tokens, si)
-                logits = out.logits[:, -1:] if si == 0 else out.logits  # stage 0: only the last text token predicts
-                t = guidance_scale * ratios[si]
+        # 3. scale by scale, one micro-batch after the other
+        latents = []
+        with self.progress_bar(total=num_stages * len(micro_batches)) as progress_bar:
+            for rows in micro_batches:
+                negatives = (None, None)
                 if self.do_classifier_free_guidance:
-                    logits = (1 + t) * logits[:batch_size] - t * logits[batch_size:]
-                filtered = top_k_top_p_filter(logits, default_top_k(si) if top_k is None else top_k, top_p)
-                idx_Bl = streams.multinomial(filtered.softmax(dim=-1))
-                if more_smooth:
-                    tokens_BlC = smooth_token_vectors(filtered, ratios[si], codebook_VC, streams)
-                else:
-                    tokens_BlC = codebook_VC[idx_Bl]
-                if si == num_stages - 1:
-                    residual_BlC = self._sample_residual(out.hidden_states, codebook_VC[idx_Bl], t, num_inference_steps, streams)
-                    tokens_BlC = tokens_BlC.float() + residual_BlC
-                    h_BChw = tokens_BlC.transpose(1, 2).reshape(batch_size, -1, pn, pn)
-                else:  # the refinement conv of earlier scales runs in the VAE's dtype
-                    h_BChw = tokens_BlC.transpose(1, 2).reshape(batch_size, -1, pn, pn).to(codebook_VC.dtype)
-                latents, next_input = quantizer.next_autoregressive_input(si, latents, h_BChw, patch_nums)
+                    negatives = (negative_prompt_embeds[rows], negative_prompt_attention_mask[rows])
+                latents.append(
+                    self._generate_latents(
+                        (prompt_embeds[rows], prompt_attention_mask[rows]),
+                        negatives,
+                        _streams_of_rows(streams, rows),
+                        quantizer,
+                        top_k=top_k,
+                        top_p=top_p,
+                        more_smooth=more_smooth,
+                        num_inference_steps=num_inference_steps,
+                        callback_on_step_end=callback_on_step_end,
+                        callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                        progress_bar=progress_bar,
+                    )
+                )
+        latents = torch.cat(latents)
 
-                if callback_on_step_end is not None:
-                    available = {"latents": latents, "prompt_embeds": prompt_embeds}
-                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, si, pn, callback_kwargs)
-                    if "prompt_embeds" in callback_outputs:
-                        prompt_embeds = callback_outputs.pop("prompt_embeds")
-                        context = context_of(prompt_embeds)
-                    if "latents" in callback_outputs:
-                        latents = callback_outputs.pop("latents").float()
-                        if si < num_stages - 1:  # the next scale reads the latents as the callback left them
-                            next_pn = patch_nums[si + 1]
-                            next_input = F.interpolate(latents, size=(next_pn, next_pn), mode="area")
-                progress_bar.update()
-
-        # 4. decode
+        # 4. decode, as many images at a time as the micro-batches hold
         if output_type == "latent":
             image = latents
         else:
-            image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+            decode_size = micro_batches[0].stop - micro_batches[0].start
+            image = torch.cat(
+                [self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0] for z in latents.split(decode_size)]
+            )
             image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    def _generate_latents(
+        self,
+        prompt: Tuple[torch.Tensor, torch.Tensor],
+        negative: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]],
+        streams: RandomStreams,
+        quantizer,
+        *,
+        top_k: Optional[int],
+        top_p: float,
+        more_smooth: bool,
+        num_inference_steps: int,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs: List[str],
+        progress_bar,
+    ) -> torch.Tensor:
+        """The final f-hat (B, C, h, w) of one micro-batch: every scale, then the residual head at the last.
+
+        `prompt` and `negative` are (embeds, mask) of its conditional and unconditional rows (the negatives are
+        `(None, None)` without guidance). Its transformer state (KV cache, prompt condition) lives until it returns.
+        """
+        transformer, guidance_scale = self.transformer, self._guidance_scale
+        device = self._execution_device
+        patch_nums = tuple(transformer.config.patch_nums)
+        num_stages = len(patch_nums)
+        prompt_embeds, prompt_attention_mask = prompt
+        negative_prompt_embeds, negative_prompt_attention_mask = negative
+        batch_size = prompt_embeds.shape[0]
+        mask = prompt_attention_mask
+        if self.do_classifier_free_guidance:
+            mask = torch.cat([prompt_attention_mask, negative_prompt_attention_mask])
+        position_ids = _position_ids(mask)
+
+        def condition_of(conditional_embeds):
+            # everything the transformer reads from the prompt, computed once here instead of at every scale
+            context = conditional_embeds
+            if self.do_classifier_free_guidance:
+                context = torch.cat([conditional_embeds, negative_prompt_embeds])
+            return transformer.prepare_condition(context.to(transformer.dtype), mask, position_ids)
+
+        # f-hat accumulates in float32 whatever the model dtype
+        codebook_VC = quantizer.codebook()
+        run_stage = self._stage_runner(mask.shape[0], device)
+        run_stage.set_condition(condition_of(prompt_embeds))
+        side = patch_nums[-1]
+        latents = torch.zeros(batch_size, codebook_VC.shape[1], side, side, device=device, dtype=torch.float32)
+        ratios = guidance_ratios(num_stages)
+        next_input = None
+
+        for si, pn in enumerate(patch_nums):
+            if self.interrupt:
+                break
+            next_tokens = None
+            if next_input is not None:
+                next_tokens = next_input.flatten(2).transpose(1, 2).to(transformer.dtype)
+                if self.do_classifier_free_guidance:
+                    next_tokens = next_tokens.repeat(2, 1, 1)
+            out = run_stage(next_tokens, si)
+            logits = out.logits[:, -1:] if si == 0 else out.logits  # stage 0: only the last text token predicts
+            t = guidance_scale * ratios[si]
+            idx_Bl, tokens_BlC = sample_stage_tokens(
+                logits, t if self.do_classifier_free_guidance else None, default_top_k(si) if top_k is None else top_k,
+                top_p, ratios[si], more_smooth, codebook_VC, streams, original_draws=device.type == "cpu",
+            )  # fmt: skip
+            if si == num_stages - 1:
+                residual_BlC = self._sample_residual(out.hidden_states, codebook_VC[idx_Bl], t, num_inference_steps, streams)
+                tokens_BlC = tokens_BlC.float() + residual_BlC
+                h_BChw = tokens_BlC.transpose(1, 2).reshape(batch_size, -1, pn, pn)
+            else:  # the refinement conv of earlier scales runs in the VAE's dtype
+                h_BChw = tokens_BlC.transpose(1, 2).reshape(batch_size, -1, pn, pn).to(codebook_VC.dtype)
+            latents, next_input = quantizer.next_autoregressive_input(si, latents, h_BChw, patch_nums)
+
+            if callback_on_step_end is not None:
+                available = {"latents": latents, "prompt_embeds": prompt_embeds}
+                callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                callback_outputs = callback_on_step_end(self, si, pn, callback_kwargs)
+                if "prompt_embeds" in callback_outputs:
+                    prompt_embeds = callback_outputs.pop("prompt_embeds")
+                    run_stage.set_condition(condition_of(prompt_embeds))
+                if "latents" in callback_outputs:
+                    latents = callback_outputs.pop("latents").float()
+                    if si < num_stages - 1:  # the next scale reads the latents as the callback left them
+                        next_pn = patch_nums[si + 1]
+                        next_input = F.interpolate(latents, size=(next_pn, next_pn), mode="area")
+            progress_bar.update()
+        return latents
 
     def _quantizer_on(self, device: torch.device):
         """The VAE's quantizer (codebook and refinement convs), usable on `device`.

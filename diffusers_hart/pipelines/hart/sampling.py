@@ -11,11 +11,19 @@ the CPU reproduces the original bit for bit). A generator on another device than
 diffusers habit of a CPU generator for a CUDA pipeline) only seeds generators on the pipeline's
 device: copying every stage's (B, l, V) probabilities to the host for the draws made a CUDA pipeline
 up to 8x slower. On CUDA a seed is therefore reproducible on CUDA, with CUDA's random numbers.
+
+How tokens are drawn: on the CPU as the original does (`torch.multinomial` of the filtered probabilities, then
+gumbel noise for "more smooth"), which keeps the golden parity bit-exact. On an accelerator, by `ops.sample_tokens`:
+per stage one uniform per token (`RandomStreams.uniform`), then the gumbel noise, both from the token stream, and an
+inverse-CDF draw in one fused kernel with CFG mixing and filtering. It has the multinomial's distribution, not its
+random numbers: a seed gives the same images on the same kind of device, not the same as on the CPU.
 """
 
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+
+from ...ops import sample_tokens, smooth_weights, top_k_top_p_filter
 
 GeneratorArg = Optional[Union[torch.Generator, List[torch.Generator]]]
 
@@ -84,6 +92,15 @@ class RandomStreams:
         ]
         return torch.cat(rows).to(probs_BlV.device)
 
+    def uniform(self, num_images: int, num_tokens: int) -> torch.Tensor:
+        """(num_images, num_tokens) float32 uniforms in [0, 1) from the token streams, on the pipeline's device:
+        one draw with one generator, one row per generator otherwise."""
+        if not self.per_image:
+            g = self.token_generators[0]
+            return torch.rand((num_images, num_tokens), generator=g, device=g.device).to(self.device)
+        rows = [torch.rand((1, num_tokens), generator=g, device=g.device) for g in self.token_generators]
+        return torch.cat(rows).to(self.device)
+
     def gumbel(self, like_BlV: torch.Tensor) -> torch.Tensor:
         """Standard Gumbel noise `-log(Exp(1))` shaped like `like_BlV`."""
         if not self.per_image:
@@ -113,34 +130,61 @@ class RandomStreams:
         return torch.stack(per_image, dim=1).reshape(copies * num_images * rows_per_image, channels)
 
 
-def top_k_top_p_filter(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set to -inf every logit below the k-th largest of its row, then outside the top-p nucleus."""
-    logits = logits_BlV.clone()
-    V = logits.shape[-1]
-    if 0 < top_k < V:
-        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
-        logits.masked_fill_(logits < kth, float("-inf"))
-    if top_p > 0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
-        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        remove[..., -1:] = False  # always keep the most likely token
-        logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), float("-inf"))
-    return logits
-
-
 def default_top_k(stage_index: int) -> int:
     """The original's fixed top-k: 600 for the first seven scales, 300 after."""
     return 600 if stage_index < 7 else 300
+
+
+def smooth_temperature(ratio: float) -> float:
+    """The original's gumbel-softmax temperature at a stage's guidance ratio (MaskGIT's schedule)."""
+    return max(0.27 * (1 - ratio * 0.95), 0.005)
 
 
 def smooth_token_vectors(
     filtered_logits_BlV: torch.Tensor, ratio: float, codebook_VC: torch.Tensor, streams: RandomStreams
 ) -> torch.Tensor:
     """Gumbel-softmax mixture of code vectors ("more smooth" sampling), with the original's temperature schedule."""
-    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-    scaled = filtered_logits_BlV * (1 + ratio)
-    weights = ((scaled + streams.gumbel(scaled)) / tau).softmax(dim=-1)
+    gumbel = streams.gumbel(filtered_logits_BlV)
+    weights = smooth_weights(filtered_logits_BlV, gumbel, 1 + ratio, smooth_temperature(ratio))
     return weights @ codebook_VC.to(weights.dtype).unsqueeze(0)
+
+
+def sample_stage_tokens(
+    logits: torch.Tensor,
+    guidance_scale: Optional[float],
+    top_k: int,
+    top_p: float,
+    ratio: float,
+    more_smooth: bool,
+    codebook_VC: torch.Tensor,
+    streams: RandomStreams,
+    original_draws: bool,
+) -> Tuple[torch.LongTensor, torch.Tensor]:
+    """One stage's tokens: indices (B, l) and the vectors fed on (B, l, C), code vectors or gumbel mixtures.
+
+    `logits` are (B, l, V), or (2B, l, V) conditional then unconditional rows mixed with `guidance_scale`. See the
+    module docstring for the two ways of drawing: `original_draws` (the pipeline's choice on the CPU) or the fused one.
+    """
+    if original_draws:
+        if guidance_scale is not None:
+            B = logits.shape[0] // 2
+            logits = (1 + guidance_scale) * logits[:B] - guidance_scale * logits[B:]
+        filtered = top_k_top_p_filter(logits, top_k, top_p)
+        idx_Bl = streams.multinomial(filtered.softmax(dim=-1))
+        if more_smooth:
+            return idx_Bl, smooth_token_vectors(filtered, ratio, codebook_VC, streams)
+        return idx_Bl, codebook_VC[idx_Bl]
+    rows, num_tokens, vocab = logits.shape
+    B = rows // 2 if guidance_scale is not None else rows
+    uniform = streams.uniform(B, num_tokens)
+    gumbel = streams.gumbel(logits.new_empty(B, num_tokens, vocab)) if more_smooth else None
+    idx_Bl, weights = sample_tokens(
+        logits, top_k, top_p, uniform, guidance_scale=guidance_scale, gumbel_BlV=gumbel,
+        smooth_scale=1 + ratio, smooth_temperature=smooth_temperature(ratio),
+    )  # fmt: skip
+    if more_smooth:
+        return idx_Bl, weights @ codebook_VC.to(weights.dtype).unsqueeze(0)
+    return idx_Bl, codebook_VC[idx_Bl]
 
 
 def guidance_ratios(num_stages: int) -> Sequence[float]:

@@ -3,13 +3,16 @@
 At batch 1 a 1024 px generation launches some 17k small kernels (14 stages x 24 blocks), and launching them, not
 computing them, takes most of the time. Every stage's call has fixed shapes and reads and writes a KV cache whose
 buffers never move, so each stage can be captured once as a CUDA graph and replayed in later generations.
+
+Both runners take the prompt's `HARTPromptCondition` once per generation (`set_condition`) and then one call per
+stage with that stage's input tokens.
 """
 
 from typing import Dict, Optional
 
 import torch
 
-from ...models.transformers import HARTTransformer2DModel, HARTTransformerOutput
+from ...models.transformers import HARTPromptCondition, HARTTransformer2DModel, HARTTransformerOutput
 
 
 class EagerStageRunner:
@@ -18,10 +21,14 @@ class EagerStageRunner:
     def __init__(self, transformer: HARTTransformer2DModel, batch_rows: int, device: torch.device):
         self.transformer = transformer
         self.kv_cache = transformer.init_kv_cache(batch_rows, device=device)
+        self.condition: Optional[HARTPromptCondition] = None
 
-    def __call__(self, context, mask, position_ids, latent_tokens, stage_index) -> HARTTransformerOutput:
+    def set_condition(self, condition: HARTPromptCondition) -> None:
+        self.condition = condition
+
+    def __call__(self, latent_tokens: Optional[torch.Tensor], stage_index: int) -> HARTTransformerOutput:
         return self.transformer(
-            context, mask, position_ids, latent_tokens=latent_tokens, stage_index=stage_index, kv_cache=self.kv_cache
+            latent_tokens=latent_tokens, stage_index=stage_index, kv_cache=self.kv_cache, condition=self.condition
         )
 
 
@@ -33,9 +40,10 @@ class _CapturedStage:
 class CUDAGraphStageRunner:
     """Replays each stage as a CUDA graph, captured the first time the stage runs with these shapes.
 
-    It owns static input buffers and one KV cache for all generations of `batch_rows` rows, and is reused across
-    calls (`HARTPipeline.enable_cuda_graphs`). The outputs of a stage live in graph memory that the stage's next replay
-    overwrites: the pipeline reads them before it runs that stage again.
+    It owns static input buffers (the prompt condition, each stage's input tokens) and one KV cache for all
+    generations of `batch_rows` rows, and is reused across calls (`HARTPipeline.enable_cuda_graphs`). The outputs of a
+    stage live in graph memory that the stage's next replay overwrites: the pipeline reads them before it runs that
+    stage again.
     """
 
     def __init__(self, transformer: HARTTransformer2DModel, batch_rows: int, device: torch.device):
@@ -43,12 +51,22 @@ class CUDAGraphStageRunner:
         self.kv_cache = transformer.init_kv_cache(batch_rows, device=device)
         self.pool = torch.cuda.graph_pool_handle()
         self.stages: Dict[int, _CapturedStage] = {}
-        self.context = self.mask = self.position_ids = None
+        self.condition: Optional[HARTPromptCondition] = None
+
+    def set_condition(self, condition: HARTPromptCondition) -> None:
+        """Copy a generation's condition into the buffers every graph reads.
+
+        The first call allocates them, before any capture, so that every graph captured later reads the same memory.
+        """
+        if self.condition is None:
+            self.condition = condition.clone()
+        else:
+            self.condition.copy_(condition)
 
     def _call(self, stage_index, latent_tokens):
         return self.transformer(
-            self.context, self.mask, self.position_ids, latent_tokens=latent_tokens, stage_index=stage_index,
-            kv_cache=self.kv_cache, return_dict=False,
+            latent_tokens=latent_tokens, stage_index=stage_index, kv_cache=self.kv_cache, condition=self.condition,
+            return_dict=False,
         )  # fmt: skip
 
     def _capture(self, stage_index: int, latent_tokens: Optional[torch.Tensor]) -> _CapturedStage:
@@ -66,13 +84,9 @@ class CUDAGraphStageRunner:
             output = self._call(stage_index, static_tokens)
         return _CapturedStage(graph, static_tokens, output)
 
-    def __call__(self, context, mask, position_ids, latent_tokens, stage_index) -> HARTTransformerOutput:
-        if self.context is None:
-            self.context, self.mask, self.position_ids = context.clone(), mask.clone(), position_ids.clone()
-        else:  # at every stage: a callback may replace the prompt embeds between stages
-            self.context.copy_(context)
-            self.mask.copy_(mask)
-            self.position_ids.copy_(position_ids)
+    def __call__(self, latent_tokens: Optional[torch.Tensor], stage_index: int) -> HARTTransformerOutput:
+        if self.condition is None:
+            raise RuntimeError("set_condition() must give the prompt's condition before the first stage")
         # a replay writes where its capture did; only capturing reads the cache's length, which is the stage's start
         self.kv_cache.length = self.transformer.stage_starts[stage_index]
         stage = self.stages.get(stage_index)

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The shapes model end to end on one GPU: data, tokenizer, transformer, 200 held-out prompts generated and judged.
+# This is the command the device run of benchmarks/training/README.md used; SMOKE=1 shrinks every number so that the
+# same steps run on a CPU in about two minutes (a check of the script, not of the model).
+#
+#   OUT=shapes-out bash benchmarks/training/shapes_run.sh
+#
+# Writes under $OUT: the tokenizer's and the transformer's losses.jsonl, scores.json of the held-out prompts, a grid
+# of samples, and the trained pipeline as shapes-model.tar.part-* (split below 16 MB each).
+set -euo pipefail
+OUT=${OUT:-shapes-out}
+WORK=${WORK:-/tmp/hart-shapes}
+if [ "${SMOKE:-0}" = 1 ]; then
+    SHARDS=2 IMAGES_PER_SHARD=40 TOKENIZER_STEPS=4 TRANSFORMER_STEPS=4 BATCH=8 PRECISION=no WORKERS=0 EVAL_PROMPTS=4
+fi
+SHARDS=${SHARDS:-8}
+IMAGES_PER_SHARD=${IMAGES_PER_SHARD:-1500}
+TOKENIZER_STEPS=${TOKENIZER_STEPS:-1200}
+TRANSFORMER_STEPS=${TRANSFORMER_STEPS:-3000}
+BATCH=${BATCH:-128}
+PRECISION=${PRECISION:-bf16}
+WORKERS=${WORKERS:-6}
+EVAL_PROMPTS=${EVAL_PROMPTS:-200}
+mkdir -p "$OUT" "$WORK"
+stamp() { echo "[$(date +%T)] $*"; }
+
+stamp "data: $SHARDS shards of $IMAGES_PER_SHARD training images, rendered in parallel"
+for shard in $(seq 0 $((SHARDS - 1))); do
+    python -m diffusers_hart.cli.shapes make --output "$WORK/train/shard-$shard" --num-images "$IMAGES_PER_SHARD" \
+        --size 64 --seed "$shard" --overwrite &
+done
+wait
+python - "$WORK/train" <<'EOF'
+import json, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+lines = []
+for shard in sorted(root.glob("shard-*")):
+    for line in (shard / "metadata.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        lines.append(json.dumps({"file_name": f"{shard.name}/{record['file_name']}", "text": record["text"]}) + "\n")
+(root / "metadata.jsonl").write_text("".join(lines))
+print(f"{len(lines)} images")
+EOF
+python -m diffusers_hart.training.shapes_model --output "$WORK/base"
+
+common=(--train_data_dir "$WORK/train" --resolution 64 --train_batch_size "$BATCH" --mixed_precision "$PRECISION"
+        --dataloader_num_workers "$WORKERS" --report_to none --checkpointing_steps 1000000 --lr_scheduler cosine)
+stamp "tokenizer: $TOKENIZER_STEPS steps"
+rm -rf "$WORK/tokenizer"
+python -m diffusers_hart.cli.train_tokenizer "${common[@]}" --output_dir "$WORK/tokenizer" \
+    --vae_config "$WORK/base/vae_config.json" --max_train_steps "$TOKENIZER_STEPS" --learning_rate 4e-4 \
+    --lr_warmup_steps $((TOKENIZER_STEPS / 20)) --num_validation_images 64 --validation_steps "$TOKENIZER_STEPS"
+stamp "transformer: $TRANSFORMER_STEPS steps"
+rm -rf "$WORK/transformer"
+python -m diffusers_hart.cli.train_transformer "${common[@]}" --output_dir "$WORK/transformer" \
+    --text_encoder_path "$WORK/base" --vae_path "$WORK/tokenizer" \
+    --transformer_config "$WORK/base/transformer_config.json" --system_prompt "$(python -c 'from diffusers_hart.training.shapes_model import SYSTEM_PROMPT; print(SYSTEM_PROMPT, end="")')" \
+    --max_train_steps "$TRANSFORMER_STEPS" --learning_rate 6e-4 --lr_warmup_steps $((TRANSFORMER_STEPS / 20)) \
+    --use_ema --ema_decay 0.999 --cache_text_context "$WORK/context" --validation_steps "$TRANSFORMER_STEPS"
+stamp "evaluation: $EVAL_PROMPTS held-out prompts"
+rm -rf "$WORK/eval"
+python -m diffusers_hart.cli.shapes sample --model "$WORK/transformer" --output "$WORK/eval" \
+    --num-prompts "$EVAL_PROMPTS" --batch-size 100 --dtype fp32 | tee "$OUT/summary.json"
+stamp "collecting"
+cp "$WORK/tokenizer/logs/losses.jsonl" "$OUT/tokenizer_losses.jsonl"
+cp "$WORK/transformer/logs/losses.jsonl" "$OUT/transformer_losses.jsonl"
+cp "$WORK/eval/scores.json" "$OUT/scores.json"
+python - "$WORK/eval" "$OUT/samples.png" <<'EOF'
+import json, sys
+from pathlib import Path
+from diffusers.utils import make_image_grid
+from PIL import Image
+folder = Path(sys.argv[1])
+names = [json.loads(line)["file_name"] for line in (folder / "metadata.jsonl").read_text().splitlines()][:32]
+images = [Image.open(folder / name).convert("RGB") for name in names]
+images += [Image.new("RGB", images[0].size)] * (-len(images) % 8)
+make_image_grid(images, rows=len(images) // 8, cols=8).save(sys.argv[2])
+EOF
+(cd "$WORK/transformer" && tar -cf - --exclude='checkpoint-*' --exclude='logs' --exclude='validation' --exclude='.*' .) \
+    | split -b 15m - "$OUT/shapes-model.tar.part-"
+stamp "done"
