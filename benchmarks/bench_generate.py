@@ -103,12 +103,29 @@ class PhaseTimer:
         return totals
 
 
+class TimedStageRunner:
+    """A pipeline stage runner (eager or graphed) whose stage calls are timed as "ar_stages"."""
+
+    def __init__(self, runner, timer: PhaseTimer):
+        self.runner, self.timed_call = runner, timer.wrap("ar_stages", runner)
+
+    def set_condition(self, condition) -> None:
+        self.runner.set_condition(condition)
+
+    def __call__(self, latent_tokens, stage_index):
+        return self.timed_call(latent_tokens, stage_index)
+
+
 def instrument(pipe) -> PhaseTimer:
     timer = PhaseTimer()
     pipe.text_encoder.forward = timer.wrap("text_encoder", pipe.text_encoder.forward)
     # the stage runner, not the transformer: replayed CUDA graphs never call the transformer's forward
     stage_runner = pipe._stage_runner
-    pipe._stage_runner = lambda rows, device: timer.wrap("ar_stages", stage_runner(rows, device))
+
+    def timed_runner(rows, device):
+        return TimedStageRunner(stage_runner(rows, device), timer)
+
+    pipe._stage_runner = timed_runner
     pipe.vae.decode = timer.wrap("decode", pipe.vae.decode)
     pipeline_module.sample_residual_tokens = timer.wrap("diffusion_head", pipeline_module.sample_residual_tokens)
     return timer
@@ -137,14 +154,14 @@ def time_calls(call, batch_size, warmup, repeats, timer=None) -> dict:
     }  # fmt: skip
 
 
-def time_batch(pipe, timer, batch_size, generator_device, warmup, repeats):
+def time_batch(pipe, timer, batch_size, generator_device, warmup, repeats, max_batch_size=None):
     pipe.text_encoder.to("cuda")
     embeds = pipe.encode_prompt([PROMPT] * batch_size, device="cuda")
     text_seconds = timer.seconds()["text_encoder"]
     # the text encoder is timed on its own and the original's harness holds none: keep its weights out of the peak
     pipe.text_encoder.to("cpu")
     names = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
-    kwargs = dict(zip(names, embeds), guidance_scale=4.5, more_smooth=True, output_type="pt")
+    kwargs = dict(zip(names, embeds), guidance_scale=4.5, more_smooth=True, output_type="pt", max_batch_size=max_batch_size)
 
     def call(seed):
         pipe(generator=torch.Generator(generator_device).manual_seed(seed), **kwargs)
@@ -208,6 +225,8 @@ def main():
     parser.add_argument("--repeats", default="1:7,16:5", help="timed calls per batch size (B:n, default 5)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cuda-graphs", action="store_true", help="pipe.enable_cuda_graphs() (replayed stages)")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="pipe(max_batch_size=...): micro-batches")
+    parser.add_argument("--vae-slicing", action="store_true", help="pipe.vae.enable_slicing(): one image per decode")
     parser.add_argument("--label", default="diffusers_hart", help="name of the system measured, in the output")
     parser.add_argument("--reference-dir", default=None, help="a checkout of mit-han-lab/hart to time in the same run")
     parser.add_argument("--output", default=None, help="JSON file for the results (a .md table is written beside it)")
@@ -217,6 +236,7 @@ def main():
 
     results = {
         "what": __doc__.splitlines()[0], "label": args.label, "dtype": args.dtype, "cuda_graphs": args.cuda_graphs,
+        "max_batch_size": args.max_batch_size, "vae_slicing": args.vae_slicing,
         **environment(), "runs": [],
     }  # fmt: skip
     unwrapped_head = pipeline_module.sample_residual_tokens
@@ -228,9 +248,13 @@ def main():
         timer = instrument(pipe)
         if args.cuda_graphs:
             pipe.enable_cuda_graphs()
+        if args.vae_slicing:
+            pipe.vae.enable_slicing()
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
             for generator_device in args.generators.split(","):
-                run = time_batch(pipe, timer, batch_size, generator_device, args.warmup, repeats[batch_size])
+                run = time_batch(
+                    pipe, timer, batch_size, generator_device, args.warmup, repeats[batch_size], args.max_batch_size
+                )
                 results["runs"].append({"system": args.label, "config": config, **run})
                 print(json.dumps(results["runs"][-1]), flush=True)
         configs = (pipe.transformer.config, pipe.vae.config)

@@ -207,3 +207,20 @@ def test_bad_setups_give_one_line_errors(extra, message, tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.startswith("hart-train-tokenizer: error:") and len(error.strip().splitlines()) == 1
     assert message in error
+
+
+def test_max_train_seconds_stops_early_and_still_saves(tmp_path, monkeypatch):
+    """With a time limit already used up after the first step, training stops there and saves the tokenizer."""
+    import diffusers_hart.training.trainer as trainer_module
+
+    write_dataset(tmp_path / "data", 8, 64, seed=0)
+    (tmp_path / "vae.json").write_text(json.dumps(VAE_CONFIG))
+    clock = iter(range(0, 10_000, 100))  # every reading of the clock is 100 s after the previous one
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: next(clock))
+    argv = ["--vae_config", str(tmp_path / "vae.json"), "--train_data_dir", str(tmp_path / "data"), "--output_dir",
+            str(tmp_path / "out"), "--resolution", "16", "--train_batch_size", "4", "--max_train_steps", "6",
+            "--max_train_seconds", "150", "--checkpointing_steps", "100", "--report_to", "none"]  # fmt: skip
+    assert cli_main(argv) == 0
+    steps = [record["step"] for record in _read_jsonl(tmp_path / "out" / "logs" / "losses.jsonl")]
+    assert steps == [1, 2]  # the deadline (150 s) is read as passed at the check after step 2 (200 s)
+    assert HARTAutoEncoder.from_pretrained(tmp_path / "out").config.vocab_size == VAE_CONFIG["vocab_size"]

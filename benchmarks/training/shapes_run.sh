@@ -6,18 +6,23 @@
 #   OUT=shapes-out bash benchmarks/training/shapes_run.sh
 #
 # Writes under $OUT: the tokenizer's and the transformer's losses.jsonl, scores.json of the held-out prompts, a grid
-# of samples, and the trained pipeline as shapes-model.tar.part-* (split below 16 MB each).
+# of samples, and the trained pipeline (float16 weights) as shapes-model.tar.part-* (split below 16 MB each).
 set -euo pipefail
 OUT=${OUT:-shapes-out}
 WORK=${WORK:-/tmp/hart-shapes}
 if [ "${SMOKE:-0}" = 1 ]; then
-    SHARDS=2 IMAGES_PER_SHARD=40 TOKENIZER_STEPS=4 TRANSFORMER_STEPS=4 BATCH=8 PRECISION=no WORKERS=0 EVAL_PROMPTS=4
+    SHARDS=2 IMAGES_PER_SHARD=40 TOKENIZER_STEPS=4 TRANSFORMER_STEPS=4 BATCH=8 TRANSFORMER_BATCH=8 PRECISION=no WORKERS=0
+    EVAL_PROMPTS=4
 fi
 SHARDS=${SHARDS:-8}
 IMAGES_PER_SHARD=${IMAGES_PER_SHARD:-1500}
-TOKENIZER_STEPS=${TOKENIZER_STEPS:-1200}
-TRANSFORMER_STEPS=${TRANSFORMER_STEPS:-3000}
+TOKENIZER_STEPS=${TOKENIZER_STEPS:-3000}
+TRANSFORMER_STEPS=${TRANSFORMER_STEPS:-6000}
+# wall-clock limits: a device call lasts at most 10 minutes, and the step rate was not known beforehand
+TOKENIZER_SECONDS=${TOKENIZER_SECONDS:-75}
+TRANSFORMER_SECONDS=${TRANSFORMER_SECONDS:-190}
 BATCH=${BATCH:-128}
+TRANSFORMER_BATCH=${TRANSFORMER_BATCH:-256}
 PRECISION=${PRECISION:-bf16}
 WORKERS=${WORKERS:-6}
 EVAL_PROMPTS=${EVAL_PROMPTS:-200}
@@ -44,24 +49,33 @@ print(f"{len(lines)} images")
 EOF
 python -m diffusers_hart.training.shapes_model --output "$WORK/base"
 
-common=(--train_data_dir "$WORK/train" --resolution 64 --train_batch_size "$BATCH" --mixed_precision "$PRECISION"
-        --dataloader_num_workers "$WORKERS" --report_to none --checkpointing_steps 1000000 --lr_scheduler cosine)
+common=(--train_data_dir "$WORK/train" --resolution 64 --mixed_precision "$PRECISION"
+        --dataloader_num_workers "$WORKERS" --report_to none --checkpointing_steps 1000000 --lr_scheduler constant_with_warmup)
 stamp "tokenizer: $TOKENIZER_STEPS steps"
 rm -rf "$WORK/tokenizer"
-python -m diffusers_hart.cli.train_tokenizer "${common[@]}" --output_dir "$WORK/tokenizer" \
-    --vae_config "$WORK/base/vae_config.json" --max_train_steps "$TOKENIZER_STEPS" --learning_rate 4e-4 \
-    --lr_warmup_steps $((TOKENIZER_STEPS / 20)) --num_validation_images 64 --validation_steps "$TOKENIZER_STEPS"
+python -m diffusers_hart.cli.train_tokenizer "${common[@]}" --output_dir "$WORK/tokenizer" --train_batch_size "$BATCH" \
+    --vae_config "$WORK/base/vae_config.json" --max_train_steps "$TOKENIZER_STEPS" --max_train_seconds "$TOKENIZER_SECONDS" \
+    --learning_rate 4e-4 --lr_warmup_steps 50 --num_validation_images 64 --validation_steps 1000000
 stamp "transformer: $TRANSFORMER_STEPS steps"
 rm -rf "$WORK/transformer"
 python -m diffusers_hart.cli.train_transformer "${common[@]}" --output_dir "$WORK/transformer" \
+    --train_batch_size "$TRANSFORMER_BATCH" \
     --text_encoder_path "$WORK/base" --vae_path "$WORK/tokenizer" \
     --transformer_config "$WORK/base/transformer_config.json" --system_prompt "$(python -c 'from diffusers_hart.training.shapes_model import SYSTEM_PROMPT; print(SYSTEM_PROMPT, end="")')" \
-    --max_train_steps "$TRANSFORMER_STEPS" --learning_rate 6e-4 --lr_warmup_steps $((TRANSFORMER_STEPS / 20)) \
-    --use_ema --ema_decay 0.999 --cache_text_context "$WORK/context" --validation_steps "$TRANSFORMER_STEPS"
+    --max_train_steps "$TRANSFORMER_STEPS" --max_train_seconds "$TRANSFORMER_SECONDS" --learning_rate 6e-4 \
+    --lr_warmup_steps 100 \
+    --use_ema --ema_decay 0.999 --cache_text_context "$WORK/context" --validation_steps 1000000
+stamp "the shipped form: float16 weights (the CLI upcasts them on the CPU), evaluated as shipped"
+rm -rf "$WORK/shipped"
+python - "$WORK/transformer" "$WORK/shipped" <<'EOF'
+import sys, torch
+from diffusers_hart import HARTPipeline
+HARTPipeline.from_pretrained(sys.argv[1]).to(torch.float16).save_pretrained(sys.argv[2])
+EOF
 stamp "evaluation: $EVAL_PROMPTS held-out prompts"
 rm -rf "$WORK/eval"
-python -m diffusers_hart.cli.shapes sample --model "$WORK/transformer" --output "$WORK/eval" \
-    --num-prompts "$EVAL_PROMPTS" --batch-size 100 --dtype fp32 | tee "$OUT/summary.json"
+python -m diffusers_hart.cli.shapes sample --model "$WORK/shipped" --output "$WORK/eval" \
+    --num-prompts "$EVAL_PROMPTS" --batch-size 100 --dtype fp32
 stamp "collecting"
 cp "$WORK/tokenizer/logs/losses.jsonl" "$OUT/tokenizer_losses.jsonl"
 cp "$WORK/transformer/logs/losses.jsonl" "$OUT/transformer_losses.jsonl"
@@ -77,6 +91,5 @@ images = [Image.open(folder / name).convert("RGB") for name in names]
 images += [Image.new("RGB", images[0].size)] * (-len(images) % 8)
 make_image_grid(images, rows=len(images) // 8, cols=8).save(sys.argv[2])
 EOF
-(cd "$WORK/transformer" && tar -cf - --exclude='checkpoint-*' --exclude='logs' --exclude='validation' --exclude='.*' .) \
-    | split -b 15m - "$OUT/shapes-model.tar.part-"
+(cd "$WORK/shipped" && tar -cf - .) | split -b 15m - "$OUT/shapes-model.tar.part-"
 stamp "done"

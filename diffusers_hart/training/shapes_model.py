@@ -22,7 +22,7 @@ from .shapes import COLOURS, POSITIONS, SHAPES
 RESOLUTION = 64
 PATCH_NUMS = (1, 2, 4, 8)  # an 8x8 latent: 64 px at the tokenizer's 8x downsampling
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-SYSTEM_PROMPT = "Draw the shapes.\n"
+SYSTEM_PROMPT = "Draw the shapes."
 CONTEXT_LENGTH = 24  # the longest caption is 15 tokens
 TEXT_ENCODER_SEED = 0
 

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -380,6 +381,11 @@ class Trainer:
             self._run_validation(global_step)
         return validated
 
+    def _past(self, deadline: float) -> bool:
+        """Whether any process is past `deadline`: all of them stop at the same step (one small all-reduce)."""
+        late = torch.tensor(float(time.monotonic() > deadline), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(late, reduction="max").item())
+
     # ------------------------------------------------------------------ run
     def train(self) -> int:
         """Train to `max_train_steps`, checkpointing and validating on the way; returns the last global step."""
@@ -392,10 +398,12 @@ class Trainer:
             total=self.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
         )
         validated_at = None
+        deadline = None if args.max_train_seconds is None else time.monotonic() + args.max_train_seconds
+        out_of_time = False
         for module in (o.module for o in self.objectives):
             module.train()
         for epoch in range(first_epoch, self.num_epochs):
-            if global_step >= self.max_train_steps:
+            if global_step >= self.max_train_steps or out_of_time:
                 break
             self.sampler.set_epoch(epoch)
             self.dataloader.set_epoch(epoch)  # accelerate would otherwise reset the sampler to its own count
@@ -413,9 +421,12 @@ class Trainer:
                 if self._end_step(global_step, sums, progress):
                     validated_at = global_step
                 sums = {}
-                if global_step >= self.max_train_steps:
+                out_of_time = deadline is not None and self._past(deadline)
+                if global_step >= self.max_train_steps or out_of_time:
                     break
         progress.close()
+        if out_of_time:
+            logger.info(f"--max_train_seconds {args.max_train_seconds} reached at step {global_step}: stopping there")
         if validated_at != global_step:
             self._run_validation(global_step)
         accelerator.wait_for_everyone()
