@@ -103,3 +103,23 @@ def golden() -> Golden:
     if not (GOLDEN_DIR / "golden.json").is_file():
         pytest.fail(f"golden data not found at {GOLDEN_DIR}; set HART_GOLDEN_DIR to the shared/golden folder")
     return Golden(GOLDEN_DIR)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for the training tests: their models are tiny, and threads fighting over shared cores
+    made a step 40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps its state in process-wide singletons; each training run starts from none."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

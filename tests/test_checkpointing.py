@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
 from diffusers_hart.training.checkpointing import (
     MARKER_FILE,
@@ -54,20 +53,7 @@ save_checkpoint(accelerator, output_dir, 2)
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these models are tiny, and threads fighting over shared cores made a step 40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
 
 
 def _accelerator_and_model():

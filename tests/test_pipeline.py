@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusers_hart import HARTPipeline
-from diffusers_hart.pipelines.hart.pipeline_hart import _position_ids
+from diffusers_hart.pipelines.hart.pipeline_hart import text_position_ids
 from diffusers_hart.pipelines.hart.tiny import tiny_random_pipeline
 
 
@@ -88,7 +88,7 @@ def test_empty_prompt_gives_an_image(pipe):
     images = _images(pipe, "")
     assert torch.isfinite(images).all()
     _, mask, _, _ = pipe.encode_prompt([""], device="cpu")
-    assert not mask.any() and (_position_ids(mask) == -1).all()
+    assert not mask.any() and (text_position_ids(mask) == -1).all()
 
 
 def test_negative_prompt_changes_the_unconditional_branch(pipe):

@@ -74,7 +74,7 @@ def test_text_encoding(case_pipe, golden):
     system_ids = pipe._tokenize([pipe.config.system_prompt], meta["max_token_length"], "longest")
     golden.assert_close("text.system_prompt_ids", system_ids, expected["text.system_prompt_ids"])
     context, mask, _, _ = pipe.encode_prompt(meta["prompts"], device="cpu")
-    position_ids = pipeline_module._position_ids(mask)
+    position_ids = pipeline_module.text_position_ids(mask)
     golden.assert_close("text.context_mask", mask, expected["text.context_mask"])
     golden.assert_close("text.context_position_ids", position_ids, expected["text.context_position_ids"])
     golden.assert_close("text.context", context, expected["text.context"])

@@ -27,20 +27,7 @@ VAE_CONFIG = dict(ch=32, ch_mult=[1, 1, 1], num_res_blocks=1, z_channels=4, voca
 STEPS, DISCRIMINATOR_START = 8, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these models are tiny, and threads fighting over shared cores made a step 40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
 
 
 def _read_jsonl(path):

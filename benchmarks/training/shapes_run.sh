@@ -28,14 +28,15 @@ WORKERS=${WORKERS:-6}
 EVAL_PROMPTS=${EVAL_PROMPTS:-200}
 mkdir -p "$OUT" "$WORK"
 stamp() { echo "[$(date +%T)] $*"; }
+PYTHON=${PYTHON:-python3}
 
 stamp "data: $SHARDS shards of $IMAGES_PER_SHARD training images, rendered in parallel"
 for shard in $(seq 0 $((SHARDS - 1))); do
-    python -m diffusers_hart.cli.shapes make --output "$WORK/train/shard-$shard" --num-images "$IMAGES_PER_SHARD" \
+    "$PYTHON" -m diffusers_hart.cli.shapes make --output "$WORK/train/shard-$shard" --num-images "$IMAGES_PER_SHARD" \
         --size 64 --seed "$shard" --overwrite &
 done
 wait
-python - "$WORK/train" <<'EOF'
+"$PYTHON" - "$WORK/train" <<'EOF'
 import json, sys
 from pathlib import Path
 root = Path(sys.argv[1])
@@ -47,40 +48,40 @@ for shard in sorted(root.glob("shard-*")):
 (root / "metadata.jsonl").write_text("".join(lines))
 print(f"{len(lines)} images")
 EOF
-python -m diffusers_hart.training.shapes_model --output "$WORK/base"
+"$PYTHON" -m diffusers_hart.training.shapes_model --output "$WORK/base"
 
 common=(--train_data_dir "$WORK/train" --resolution 64 --mixed_precision "$PRECISION"
         --dataloader_num_workers "$WORKERS" --report_to none --checkpointing_steps 1000000 --lr_scheduler constant_with_warmup)
 stamp "tokenizer: $TOKENIZER_STEPS steps"
 rm -rf "$WORK/tokenizer"
-python -m diffusers_hart.cli.train_tokenizer "${common[@]}" --output_dir "$WORK/tokenizer" --train_batch_size "$BATCH" \
+"$PYTHON" -m diffusers_hart.cli.train_tokenizer "${common[@]}" --output_dir "$WORK/tokenizer" --train_batch_size "$BATCH" \
     --vae_config "$WORK/base/vae_config.json" --max_train_steps "$TOKENIZER_STEPS" --max_train_seconds "$TOKENIZER_SECONDS" \
     --learning_rate 4e-4 --lr_warmup_steps 50 --num_validation_images 64 --validation_steps 1000000
 stamp "transformer: $TRANSFORMER_STEPS steps"
 rm -rf "$WORK/transformer"
-python -m diffusers_hart.cli.train_transformer "${common[@]}" --output_dir "$WORK/transformer" \
+"$PYTHON" -m diffusers_hart.cli.train_transformer "${common[@]}" --output_dir "$WORK/transformer" \
     --train_batch_size "$TRANSFORMER_BATCH" \
     --text_encoder_path "$WORK/base" --vae_path "$WORK/tokenizer" \
-    --transformer_config "$WORK/base/transformer_config.json" --system_prompt "$(python -c 'from diffusers_hart.training.shapes_model import SYSTEM_PROMPT; print(SYSTEM_PROMPT, end="")')" \
+    --transformer_config "$WORK/base/transformer_config.json" --system_prompt "$("$PYTHON" -c 'from diffusers_hart.training.shapes_model import SYSTEM_PROMPT; print(SYSTEM_PROMPT, end="")')" \
     --max_train_steps "$TRANSFORMER_STEPS" --max_train_seconds "$TRANSFORMER_SECONDS" --learning_rate 6e-4 \
     --lr_warmup_steps 100 \
     --use_ema --ema_decay 0.999 --cache_text_context "$WORK/context" --validation_steps 1000000
 stamp "the shipped form: float16 weights (the CLI upcasts them on the CPU), evaluated as shipped"
 rm -rf "$WORK/shipped"
-python - "$WORK/transformer" "$WORK/shipped" <<'EOF'
+"$PYTHON" - "$WORK/transformer" "$WORK/shipped" <<'EOF'
 import sys, torch
 from diffusers_hart import HARTPipeline
 HARTPipeline.from_pretrained(sys.argv[1]).to(torch.float16).save_pretrained(sys.argv[2])
 EOF
 stamp "evaluation: $EVAL_PROMPTS held-out prompts"
 rm -rf "$WORK/eval"
-python -m diffusers_hart.cli.shapes sample --model "$WORK/shipped" --output "$WORK/eval" \
+"$PYTHON" -m diffusers_hart.cli.shapes sample --model "$WORK/shipped" --output "$WORK/eval" \
     --num-prompts "$EVAL_PROMPTS" --batch-size 100 --dtype fp32
 stamp "collecting"
 cp "$WORK/tokenizer/logs/losses.jsonl" "$OUT/tokenizer_losses.jsonl"
 cp "$WORK/transformer/logs/losses.jsonl" "$OUT/transformer_losses.jsonl"
 cp "$WORK/eval/scores.json" "$OUT/scores.json"
-python - "$WORK/eval" "$OUT/samples.png" <<'EOF'
+"$PYTHON" - "$WORK/eval" "$OUT/samples.png" <<'EOF'
 import json, sys
 from pathlib import Path
 from diffusers.utils import make_image_grid

@@ -19,7 +19,7 @@ import torch.nn as nn
 from diffusers.utils import BaseOutput
 
 from ..models import HARTAutoEncoder, HARTTransformer2DModel
-from ..pipelines.hart.pipeline_hart import _position_ids
+from ..pipelines.hart.pipeline_hart import text_position_ids
 from ..pipelines.hart.sampling import GeneratorArg
 from ..schedulers import HARTResidualDiffusionScheduler
 from .losses import (
@@ -184,7 +184,7 @@ class HARTTransformerTrainingModule(nn.Module):
             codebook,
             prompt_embeds,
             prompt_attention_mask,
-            _position_ids(prompt_attention_mask),
+            text_position_ids(prompt_attention_mask),
             teacher_forcing_input.to(dtype),
             last_scale_target.to(dtype),
             kept_positions,

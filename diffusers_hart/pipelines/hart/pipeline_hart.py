@@ -43,7 +43,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 TRUNCATION_QUOTE_CHARS = 200
 
 
-def _position_ids(attention_mask_BL: torch.Tensor) -> torch.LongTensor:
+def text_position_ids(attention_mask_BL: torch.Tensor) -> torch.LongTensor:
     """Text RoPE positions `cumsum(mask) - 1`: 0..n-1, then n-1 on pads (an all-pad prompt gets -1 everywhere)."""
     return attention_mask_BL.long().cumsum(dim=1) - 1
 
@@ -621,7 +621,7 @@ class HARTPipeline(DiffusionPipeline):
         mask = prompt_attention_mask
         if self.do_classifier_free_guidance:
             mask = torch.cat([prompt_attention_mask, negative_prompt_attention_mask])
-        position_ids = _position_ids(mask)
+        position_ids = text_position_ids(mask)
 
         def condition_of(conditional_embeds):
             # everything the transformer reads from the prompt, computed once here instead of at every scale
