@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from diffusers_hart import HARTAutoEncoder, HARTResidualDiffusionScheduler, HARTTransformer2DModel
 from diffusers_hart.pipelines.hart.tiny import tiny_random_pipeline
-from diffusers_hart.training import HARTTransformerTrainingModule, sample_mask_ratio, transformer_step
+from diffusers_hart.training import HARTTransformerTrainingModule, sample_cond_drop, sample_mask_ratio, transformer_step
 
 PATCH_NUMS = (1, 2, 4, 8)
 PROMPTS = ["a red square", "", "two blue dots", "a cat"]
@@ -295,3 +295,24 @@ def test_lora_trains_only_the_adapter_and_round_trips(tmp_path):
         torch.testing.assert_close(base(**inputs).logits, trained, rtol=0, atol=0)
         base.disable_adapters()
         assert not torch.allclose(base(**inputs).logits, trained)
+
+
+def test_cond_drop_rate_is_the_stated_one_unless_the_original_is_asked_for():
+    """The original compares the rate with a normal draw (Phi(0.1) = 0.54 of the rows); the trainer's default is the
+    stated rate. 20000 rows put 4 standard deviations at 0.009 (rate 0.1) and 0.014 (0.54)."""
+    generator = torch.Generator().manual_seed(0)
+    stated = sample_cond_drop(20000, 0.1, generator, original=False).float().mean().item()
+    original = sample_cond_drop(20000, 0.1, generator).float().mean().item()
+    assert abs(stated - 0.1) < 0.009
+    assert abs(original - 0.5398) < 0.014
+
+
+def test_training_module_draws_the_stated_cond_drop_rate(monkeypatch):
+    rates = []
+    real = transformer_step.sample_cond_drop
+    monkeypatch.setattr(transformer_step, "sample_cond_drop", lambda *a: rates.append(a[-1]) or real(*a))
+    module = tiny_training_module()
+    module(*tiny_batch(), generator=torch.Generator().manual_seed(0))
+    module.original_cond_drop = True
+    module(*tiny_batch(), generator=torch.Generator().manual_seed(0))
+    assert rates == [False, True]

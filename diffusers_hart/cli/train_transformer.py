@@ -37,6 +37,9 @@ def build_parser():
                        help="text before every caption (default: the pipeline's; empty when built from parts)")
     model.add_argument("--label_smoothing", type=non_negative_float, default=0.0,
                        help="label smoothing of the token cross-entropy (default: %(default)s)")
+    model.add_argument("--original_cond_drop", action="store_true",
+                       help="drop the text of ~54%% of the rows, as the original's randn < cond_drop_rate does, "
+                       "instead of the transformer config's cond_drop_rate of them (default: off)")
     model.add_argument("--diffusion_loss_weight", type=non_negative_float, default=1.0,
                        help="weight of the residual-diffusion loss (default: %(default)s)")
     model.add_argument("--cache_text_context", default=None, metavar="DIR",

@@ -130,6 +130,10 @@ class TrainingRandomness:
         """(B,) standard normal draws, one per sample."""
         return self._draw(lambda shape, g, on: torch.randn(shape, generator=g, device=on), (), 0)
 
+    def uniform(self) -> torch.Tensor:
+        """(B,) uniform draws in [0, 1), one per sample."""
+        return self._draw(lambda shape, g, on: torch.rand(shape, generator=g, device=on), (), 0)
+
     def exponential(self, num_tokens: int, vocab_size: int) -> torch.Tensor:
         """(B, num_tokens, vocab_size) float32 Exp(1) draws: the randomness of one categorical draw per token."""
         return self._draw(
@@ -225,15 +229,20 @@ def sample_last_scale_keep(
 
 
 def sample_cond_drop(
-    batch_size: int, cond_drop_rate: float, generator: GeneratorArg = None, device="cpu"
+    batch_size: int, cond_drop_rate: float, generator: GeneratorArg = None, device="cpu", original: bool = True
 ) -> torch.Tensor:
-    """Rows whose context is dropped, reproducing the original's `randn(B) < cond_drop_rate`.
+    """Rows whose context is dropped: each with probability `cond_drop_rate`, or (`original=True`, the default here,
+    which the golden replay needs) as the original draws them, `randn(B) < cond_drop_rate`.
 
-    Quirk kept on purpose: the threshold is compared with a *standard normal* draw, not a uniform one, so a row is
-    dropped with probability Phi(cond_drop_rate) (about 0.54 for the usual 0.1), not `cond_drop_rate`. Released
-    checkpoints were trained that way; pass `cond_dropped` explicitly for a different rate.
+    The original compares the rate with a *standard normal* draw, not a uniform one, so it drops a row with probability
+    Phi(cond_drop_rate), about 0.54 for the usual 0.1: half of its training steps see no text. Released checkpoints
+    were trained that way; the trainer draws the stated rate unless asked for the original's (a divergence the README
+    lists).
     """
-    return TrainingRandomness(generator, batch_size, device).standard_normal() < cond_drop_rate
+    randomness = TrainingRandomness(generator, batch_size, device)
+    if original:
+        return randomness.standard_normal() < cond_drop_rate
+    return randomness.uniform() < cond_drop_rate
 
 
 def sample_last_scale_tokens(

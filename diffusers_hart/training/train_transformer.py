@@ -179,6 +179,7 @@ def main(args) -> HARTPipeline:
         vae,
         pipeline.scheduler,
         label_smoothing=args.label_smoothing,
+        original_cond_drop=args.original_cond_drop,
         diffusion_loss_weight=args.diffusion_loss_weight,
     )
 

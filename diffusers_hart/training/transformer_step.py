@@ -102,6 +102,8 @@ class HARTTransformerTrainingModule(nn.Module):
             as a submodule it moves with `.to(device)`.
         scheduler ([`HARTResidualDiffusionScheduler`]): The diffusion of the residual head's loss.
         label_smoothing (`float`, defaults to 0.0): Label smoothing of the token cross-entropy.
+        original_cond_drop (`bool`, defaults to False): Drop the context of about 54% of the rows, as the original's
+            `randn < cond_drop_rate` does, instead of `transformer.config.cond_drop_rate` of them (`sample_cond_drop`).
         diffusion_loss_weight (`float`, defaults to 1.0): Weight of the diffusion loss in `loss`.
     """
 
@@ -111,6 +113,7 @@ class HARTTransformerTrainingModule(nn.Module):
         vae: HARTAutoEncoder,
         scheduler: HARTResidualDiffusionScheduler,
         label_smoothing: float = 0.0,
+        original_cond_drop: bool = False,
         diffusion_loss_weight: float = 1.0,
     ):
         super().__init__()
@@ -124,6 +127,7 @@ class HARTTransformerTrainingModule(nn.Module):
         self.vae = vae.requires_grad_(False).eval()
         self.scheduler = scheduler
         self.label_smoothing = label_smoothing
+        self.original_cond_drop = original_cond_drop
         self.diffusion_loss_weight = diffusion_loss_weight
 
     def train(self, mode: bool = True) -> "HARTTransformerTrainingModule":
@@ -175,7 +179,7 @@ class HARTTransformerTrainingModule(nn.Module):
         if mask_ratio is None:
             mask_ratio = sample_mask_ratio(_mask_ratio_generator(generator))
         kept_positions = kept_positions_from_orders(orders, mask_ratio, MIN_KEPT_LAST_SCALE_TOKENS)
-        cond_dropped = sample_cond_drop(B, config.cond_drop_rate, generator, device)
+        cond_dropped = sample_cond_drop(B, config.cond_drop_rate, generator, device, self.original_cond_drop)
 
         # 3. the step
         out = hart_training_step(

@@ -563,44 +563,40 @@ class HARTTransformer2DModel(HARTModelMixin, ConfigMixin, PeftAdapterMixin):
         if condition is not None:
             raise ValueError("`condition` serves stage-by-stage inference (with `stage_index`); training prepares its own")
 
+        # training: the whole pyramid at once, block-causal, nothing cached
         B = encoder_hidden_states.shape[0]
         condition_BLD = self.embed_context(encoder_hidden_states)
         offset_B = encoder_position_ids[:, -1]
-        attention_mask = None
 
         # 1. input tokens and their rotary tables
-        if stage_index is None:
-            tokens = torch.cat((condition_BLD, self.latent_embed(latent_tokens)), dim=1)
-            kept_positions = None
-            if last_scale_keep is not None:
-                kept_positions = last_scale_keep
-                if kept_positions.dtype == torch.bool:
-                    kept_positions = kept_positions.nonzero()[:, 1].view(B, -1)
-                tokens = _keep_last_scale(tokens, kept_positions, self.config.patch_nums[-1] ** 2)
-            num_tokens = tokens.shape[1]
-            tokens = tokens + self.level_embed(self.level_ids[:num_tokens], tokens.dtype)
-            cos_c, sin_c = rotary_1d(encoder_position_ids, self.head_dim, self.config.rope_theta)
-            cos_i, sin_i = self._image_rotary(slice(None), offset_B, kept_positions)
-            rotary_emb = (torch.cat((cos_c, cos_i), dim=1), torch.cat((sin_c, sin_i), dim=1))
-            attention_mask = self._block_causal_mask(num_tokens, tokens.device, tokens.dtype)
+        tokens = torch.cat((condition_BLD, self.latent_embed(latent_tokens)), dim=1)
+        kept_positions = None
+        if last_scale_keep is not None:
+            kept_positions = last_scale_keep
+            if kept_positions.dtype == torch.bool:
+                kept_positions = kept_positions.nonzero()[:, 1].view(B, -1)
+            tokens = _keep_last_scale(tokens, kept_positions, self.config.patch_nums[-1] ** 2)
+        num_tokens = tokens.shape[1]
+        tokens = tokens + self.level_embed(self.level_ids[:num_tokens], tokens.dtype)
+        cos_c, sin_c = rotary_1d(encoder_position_ids, self.head_dim, self.config.rope_theta)
+        cos_i, sin_i = self._image_rotary(slice(None), offset_B, kept_positions)
+        rotary_emb = (torch.cat((cos_c, cos_i), dim=1), torch.cat((sin_c, sin_i), dim=1))
+        attention_mask = self._block_causal_mask(num_tokens, tokens.device, tokens.dtype)
 
         # 2. blocks
         pooling = "avg" if self.config.block_conditioning == "adaln_single" else self.config.adaln_pooling
         pooled = pool_condition(condition_BLD, encoder_attention_mask, pooling)
         hidden_states = tokens
-        store_kv = stage_index is not None and stage_index < self.num_stages - 1
         for layer_index, block in enumerate(self.transformer_blocks):
-            args = (hidden_states, pooled, rotary_emb, kv_cache, layer_index, attention_mask, store_kv)
+            args = (hidden_states, pooled, rotary_emb, None, layer_index, attention_mask, False)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(block, *args)
             else:
                 hidden_states = block(*args)
-        if store_kv:
-            kv_cache.advance(hidden_states.shape[1])
 
         # 3. head
-        # logits leave in float32: CFG mixing and sampling of a low-precision model stay accurate
+        # logits leave in float32: the token loss and the training sampler read them
         logits = self.proj_out(self.norm_out(hidden_states, condition_BLD)).float()
         if not return_dict:
-            return logits, hidden_states, kv_cache
-        return HARTTransformerOutput(logits=logits, hidden_states=hidden_states, kv_cache=kv_cache)
+            return logits, hidden_states, None
+        return HARTTransformerOutput(logits=logits, hidden_states=hidden_states)
