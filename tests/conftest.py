@@ -5,6 +5,7 @@ at test time; nothing in it is copied into the tests. Tolerances come from its
 `golden.json["tolerances"]["rules"]`, never from this file.
 """
 
+import importlib
 import importlib.util
 import json
 import os
@@ -123,3 +124,35 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def _interpreted_kernels(module) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    jitted = [v for v in vars(module).values() if type(v).__name__ in ("JITFunction", "InterpretedFunction")]
+    return all(isinstance(v, InterpretedFunction) for v in jitted)
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Make `use_fused` say yes: on CUDA as is, on the CPU under Triton's interpreter (for this test only)."""
+    from diffusers_hart.ops import dispatch  # not at the top: triton's first import must see TRITON_INTERPRET
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install 'diffusers_hart[triton]'): the fused kernels cannot run")
+    monkeypatch.delenv(dispatch.DISABLE_TRITON_ENV, raising=False)
+    if not torch.cuda.is_available():
+        # triton.jit reads TRITON_INTERPRET when a kernel module is imported; the kernel modules are imported
+        # lazily, on the first fused call, so they come up interpreted. Should one have been imported for the GPU
+        # before (it cannot on a machine without CUDA, but be sure), import it again.
+        import triton.language
+
+        if type(triton.language.standard.sum).__name__ != "InterpretedFunction":
+            pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it for the "
+                        "first import); run with TRITON_INTERPRET=1 in the environment")
+        monkeypatch.setenv(dispatch.TRITON_INTERPRET_ENV, "1")
+        for name, module in list(sys.modules.items()):
+            if name.startswith("diffusers_hart.ops.kernels.") and not _interpreted_kernels(module):
+                importlib.reload(module)
+    assert dispatch.triton_available()
+    return "cuda" if torch.cuda.is_available() else "cpu"

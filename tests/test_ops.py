@@ -50,36 +50,6 @@ PACKAGE = Path(ops.__file__).resolve().parents[1]
 # --- fixtures and helpers ---------------------------------------------------------------------------------------
 
 
-def _interpreted(module) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    jitted = [v for v in vars(module).values() if type(v).__name__ in ("JITFunction", "InterpretedFunction")]
-    return all(isinstance(v, InterpretedFunction) for v in jitted)
-
-
-@pytest.fixture
-def kernels(monkeypatch):
-    """Make `use_fused` say yes: on CUDA as is, on the CPU under Triton's interpreter (for this test only)."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed (pip install 'diffusers_hart[triton]'): the fused kernels cannot run")
-    monkeypatch.delenv(dispatch.DISABLE_TRITON_ENV, raising=False)
-    if not HAS_CUDA:
-        # triton.jit reads TRITON_INTERPRET when a kernel module is imported; the kernel modules are imported
-        # lazily, on the first fused call, so they come up interpreted. Should one have been imported for the GPU
-        # before (it cannot on a machine without CUDA, but be sure), import it again.
-        import triton.language
-
-        if type(triton.language.standard.sum).__name__ != "InterpretedFunction":
-            pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it for the "
-                        "first import); run with TRITON_INTERPRET=1 in the environment")
-        monkeypatch.setenv(dispatch.TRITON_INTERPRET_ENV, "1")
-        for name, module in list(sys.modules.items()):
-            if name.startswith("diffusers_hart.ops.kernels.") and not _interpreted(module):
-                importlib.reload(module)
-    assert dispatch.triton_available()
-    return DEVICE
-
-
 def _skip_interpreted_bf16(dtype):
     if dtype == torch.bfloat16 and not HAS_CUDA:
         pytest.skip("Triton's interpreter casts float32 to bfloat16 by truncation, not round-to-nearest-even, so "
