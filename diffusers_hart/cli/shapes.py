@@ -97,7 +97,10 @@ def _sample(args: argparse.Namespace) -> None:
     from ..training.shapes_generation import generate_folder
     from .generate import pipeline_from_arguments
 
-    state = PartialState()
+    import torch
+
+    # under a launcher, processes on a machine without CUDA (or told --device cpu) split the prompts over gloo
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     prompts = evaluation_prompts(args.num_prompts, args.prompt_seed)
     pipe = pipeline_from_arguments(args, state.device if args.device == "auto" else None)
     pipe.set_progress_bar_config(disable=True)
