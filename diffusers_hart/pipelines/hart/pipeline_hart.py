@@ -64,17 +64,6 @@ def _micro_batches(num_images: int, max_batch_size: Optional[int]) -> List[slice
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def _streams_of_rows(streams: RandomStreams, rows: slice) -> RandomStreams:
-    """The random streams of the images `rows`: their own generators when every image has some; with one generator
-    for the whole batch, that one, which consecutive micro-batches then draw from one after the other."""
-    if not streams.per_image or rows == slice(0, len(streams.token_generators)):
-        return streams
-    view = copy.copy(streams)
-    view.token_generators = streams.token_generators[rows]
-    view.noise_generators = streams.noise_generators[rows]
-    return view
-
-
 class HARTPipeline(DiffusionPipeline):
     r"""
     Text-to-image generation with HART (arXiv 2410.10812).
@@ -564,7 +553,7 @@ class HARTPipeline(DiffusionPipeline):
                     self._generate_latents(
                         (prompt_embeds[rows], prompt_attention_mask[rows]),
                         negatives,
-                        _streams_of_rows(streams, rows),
+                        streams.select(rows),
                         quantizer,
                         top_k=top_k,
                         top_p=top_p,
