@@ -91,7 +91,13 @@ def test_cpu_generator_draws_on_the_gpu(monkeypatch):
     pipe.set_progress_bar_config(disable=True)
     draw_devices = []
     original = torch.rand
-    monkeypatch.setattr(torch, "rand", lambda *a, generator=None, **k: draw_devices.append(generator.device.type) or original(*a, generator=generator, **k))
+
+    def recording_rand(*args, generator=None, **kwargs):
+        if generator is not None:
+            draw_devices.append(generator.device.type)
+        return original(*args, generator=generator, **kwargs)
+
+    monkeypatch.setattr(torch, "rand", recording_rand)
     first = pipe("a cat", generator=torch.Generator().manual_seed(3), output_type="pt").images
     again = pipe("a cat", generator=torch.Generator().manual_seed(3), output_type="pt").images
     assert draw_devices and set(draw_devices) == {"cuda"}
