@@ -5,7 +5,6 @@ import pytest
 import torch
 from accelerate import cpu_offload
 
-from diffusers_hart.models.transformers import HARTPromptCondition
 from diffusers_hart.models.transformers.transformer_hart import HARTTransformerBlock
 from diffusers_hart.pipelines.hart.tiny import tiny_random_pipeline
 

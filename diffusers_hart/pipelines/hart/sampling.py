@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ...ops import sample_tokens, smooth_weights, top_k_top_p_filter
+from ...ops import cfg_mix, sample_tokens, smooth_weights, top_k_top_p_filter
 
 GeneratorArg = Optional[Union[torch.Generator, List[torch.Generator]]]
 
@@ -178,8 +178,7 @@ def sample_stage_tokens(
     """
     if original_draws:
         if guidance_scale is not None:
-            B = logits.shape[0] // 2
-            logits = (1 + guidance_scale) * logits[:B] - guidance_scale * logits[B:]
+            logits = cfg_mix(logits, guidance_scale)
         filtered = top_k_top_p_filter(logits, top_k, top_p)
         idx_Bl = streams.multinomial(filtered.softmax(dim=-1))
         if more_smooth:
