@@ -1,39 +1,55 @@
 #!/usr/bin/env bash
-# Everything that needs the GPU, in one call of at most 10 minutes (the device tool's limit), each part time-boxed:
-#   1. the shapes model (training/shapes_run.sh), while the original's CUDA extension builds on the CPU;
-#   2. the GPU tests (test_gpu.py, the kernels, the fused model path);
-#   3. bench_generate.py against the original (REFERENCE_DIR, a checkout of mit-han-lab/hart), same run.
-# Needs torch, triton, transformers, accelerate and diffusers importable by `python3` (no `python` shim: one made
-# this way on the device hung a whole call). Results go to $OUT (at most 8 files come back from a device call).
+# Everything that needs the GPU, for device calls of at most 10 minutes each, every part time-boxed:
+#   shapes  the shapes model (training/shapes_run.sh, RESUME=1 to train on from the previous call's checkpoint);
+#   tests   the GPU tests (test_gpu.py, the kernels, the fused model path);
+#   bench   bench_generate.py against the original (REFERENCE_DIR, a checkout of mit-han-lab/hart), same run; the
+#           original's CUDA extension builds on the CPU while the tests run.
+# PARTS picks them, in that order (default: all three). Needs torch, triton, transformers, accelerate and diffusers
+# importable by `python3` (no `python` shim: one made this way on the device hung a whole call). Results go to $OUT
+# (at most 8 files come back from a device call).
+#
+#   PARTS="shapes" BUDGET=560 OUT=$OUT bash benchmarks/gpu_session.sh
+#   PARTS="tests bench" REFERENCE_DIR=.reference/hart OUT=$OUT bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-gpu-session-out}
+PARTS=${PARTS:-shapes tests bench}
 REFERENCE_DIR=${REFERENCE_DIR:-.reference/hart}
 BUDGET=${BUDGET:-560}
+BENCH_ARGS=${BENCH_ARGS:---configs depth24-adaln_single --batch-sizes 1,16 --generators cpu --repeats 1:5,16:2 --warmup 1}
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
+wants() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers, accelerate, diffusers; print(torch.__version__, triton.__version__, transformers.__version__, accelerate.__version__, diffusers.__version__)"
 
-(cd "$REFERENCE_DIR/hart/kernels" && mkdir -p hart_backend \
-    && env -u TORCH_CUDA_ARCH_LIST python3 setup.py build_ext --inplace > /tmp/reference_build.log 2>&1
- echo "reference build rc=$? at $(elapsed) s") &
+if wants bench; then
+    (cd "$REFERENCE_DIR/hart/kernels" && mkdir -p hart_backend \
+        && env -u TORCH_CUDA_ARCH_LIST python3 setup.py build_ext --inplace > /tmp/reference_build.log 2>&1
+     echo "reference build rc=$? at $(elapsed) s") &
+fi
 
-PYTHON=python3 OUT="$OUT" WORK=/tmp/hart-shapes timeout $(( BUDGET * 2 / 3 )) bash benchmarks/training/shapes_run.sh \
-    > /tmp/shapes.log 2>&1
-echo "shapes rc=$? at $(elapsed) s"
-grep -E "^\[|Error|Traceback|stopping there" /tmp/shapes.log | tail -20
-cat /tmp/hart-shapes/tokenizer/logs/validation.jsonl 2>/dev/null | tail -1
-wait
+if wants shapes; then
+    PYTHON=python3 OUT="$OUT" WORK=/tmp/hart-shapes BUDGET=$(( BUDGET - $(elapsed) - 10 )) \
+        timeout $(( BUDGET - $(elapsed) )) bash benchmarks/training/shapes_run.sh 2>&1 | tr '\r' '\n' \
+        | grep -v -E "it/s(, [^]]*)?\]$" > "$OUT/shapes.log"
+    echo "shapes rc=${PIPESTATUS[0]} at $(elapsed) s"
+    grep -E "^\[|Error|Traceback|stopping there|throughput|fully|accuracy" "$OUT/shapes.log" | tail -20
+fi
 
-timeout 60 python3 -m pytest tests/test_gpu.py tests/test_ops.py tests/test_fused_model_path.py -q -x \
-    -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
-echo "gpu tests rc=$? at $(elapsed) s"
-tail -3 "$OUT/gpu_tests.log"
+if wants tests; then
+    timeout 90 python3 -m pytest tests/test_gpu.py tests/test_ops.py tests/test_fused_model_path.py -q \
+        -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+    echo "gpu tests rc=$? at $(elapsed) s"
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -8
+fi
 
-mkdir -p /tmp/bench
-timeout $(( BUDGET - $(elapsed) )) python3 benchmarks/bench_generate.py --configs depth24-adaln_single \
-    --batch-sizes 1,16 --generators cpu --repeats 1:5,16:2 --warmup 1 --max-batch-size 8 --vae-slicing \
-    --reference-dir "$REFERENCE_DIR" --output /tmp/bench/bench.json 2>&1 | grep -v -i warn | tail -14
-cp /tmp/bench/bench.json "$OUT/" 2>/dev/null
+if wants bench; then
+    wait
+    mkdir -p /tmp/bench
+    # shellcheck disable=SC2086
+    timeout $(( BUDGET - $(elapsed) )) python3 benchmarks/bench_generate.py $BENCH_ARGS --max-batch-size 8 \
+        --vae-slicing --reference-dir "$REFERENCE_DIR" --output /tmp/bench/bench.json 2>&1 | grep -v -i warn | tail -20
+    cp /tmp/bench/bench.json "$OUT/" 2>/dev/null
+fi
 echo "end at $(elapsed) s"

@@ -14,6 +14,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from diffusers_hart.cli.train_tokenizer import main as cli_main
 from diffusers_hart.models import HARTAutoEncoder
+from diffusers_hart.training.checkpointing import complete_checkpoints
 from diffusers_hart.training.shapes import write_dataset
 from diffusers_hart.training.tokenizer_step import (
     HARTTokenizerTrainingModule,
@@ -210,4 +211,14 @@ def test_max_train_seconds_stops_early_and_still_saves(tmp_path, monkeypatch):
     assert cli_main(argv) == 0
     steps = [record["step"] for record in _read_jsonl(tmp_path / "out" / "logs" / "losses.jsonl")]
     assert steps == [1, 2]  # the deadline (150 s) is read as passed at the check after step 2 (200 s)
+    summary = json.loads((tmp_path / "out" / "logs" / "run_summary.json").read_text())
+    assert (summary["global_step"], summary["timed_steps"], summary["images_per_step"]) == (2, 1, 4)
+    assert summary["images_per_second"] == pytest.approx(4 / summary["timed_seconds"])
     assert HARTAutoEncoder.from_pretrained(tmp_path / "out").config.vocab_size == VAE_CONFIG["vocab_size"]
+    # the stop also checkpoints, so a time-boxed run (a 10-minute device call) continues where it stopped
+    assert [step for step, _ in complete_checkpoints(tmp_path / "out")] == [2]
+    clock = iter(range(0, 10_000, 100))
+    assert cli_main([*argv, "--resume_from_checkpoint", "latest"]) == 0
+    steps = [record["step"] for record in _read_jsonl(tmp_path / "out" / "logs" / "losses.jsonl")]
+    assert steps == [1, 2, 3, 4]
+    assert [step for step, _ in complete_checkpoints(tmp_path / "out")] == [2, 4]

@@ -5,8 +5,13 @@
 #
 #   OUT=shapes-out bash benchmarks/training/shapes_run.sh
 #
-# Writes under $OUT: the tokenizer's and the transformer's losses.jsonl, scores.json of the held-out prompts, a grid
-# of samples, and the trained pipeline (float16 weights) as shapes-model.tar.part-* (split below 16 MB each).
+# Writes under $OUT: shapes-logs.tar (both trainings' logs/ with losses.jsonl and run_summary.json, and scores.json
+# of the held-out prompts), samples.png (a grid of them) and the trained pipeline (float16 weights) as
+# shapes-model.tar.part-* (split below 16 MB each).
+#
+# BUDGET=<seconds> fits the whole script in that time: the transformer trains until BUDGET - RESERVE seconds after
+# the start. RESUME=1 keeps $WORK's data and tokenizer and resumes the transformer from its latest checkpoint (a
+# time-limited training stops with a checkpoint), to train longer in a second call on the same machine.
 set -euo pipefail
 OUT=${OUT:-shapes-out}
 WORK=${WORK:-/tmp/hart-shapes}
@@ -16,8 +21,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
 fi
 SHARDS=${SHARDS:-8}
 IMAGES_PER_SHARD=${IMAGES_PER_SHARD:-1500}
-TOKENIZER_STEPS=${TOKENIZER_STEPS:-3000}
-TRANSFORMER_STEPS=${TRANSFORMER_STEPS:-6000}
+TOKENIZER_STEPS=${TOKENIZER_STEPS:-20000}
+TRANSFORMER_STEPS=${TRANSFORMER_STEPS:-20000}
 # wall-clock limits: a device call lasts at most 10 minutes, and the step rate was not known beforehand
 TOKENIZER_SECONDS=${TOKENIZER_SECONDS:-75}
 TRANSFORMER_SECONDS=${TRANSFORMER_SECONDS:-190}
@@ -26,10 +31,17 @@ TRANSFORMER_BATCH=${TRANSFORMER_BATCH:-256}
 PRECISION=${PRECISION:-bf16}
 WORKERS=${WORKERS:-6}
 EVAL_PROMPTS=${EVAL_PROMPTS:-200}
+RESUME=${RESUME:-0}
+RESERVE=${RESERVE:-100}
 mkdir -p "$OUT" "$WORK"
+START=$(date +%s)
 stamp() { echo "[$(date +%T)] $*"; }
 PYTHON=${PYTHON:-python3}
 
+common=(--train_data_dir "$WORK/train" --resolution 64 --mixed_precision "$PRECISION"
+        --dataloader_num_workers "$WORKERS" --report_to none --checkpointing_steps 1000000 --lr_scheduler constant_with_warmup)
+
+make_data() {
 stamp "data: $SHARDS shards of $IMAGES_PER_SHARD training images, rendered in parallel"
 for shard in $(seq 0 $((SHARDS - 1))); do
     "$PYTHON" -m diffusers_hart.cli.shapes make --output "$WORK/train/shard-$shard" --num-images "$IMAGES_PER_SHARD" \
@@ -49,23 +61,39 @@ for shard in sorted(root.glob("shard-*")):
 print(f"{len(lines)} images")
 EOF
 "$PYTHON" -m diffusers_hart.training.shapes_model --output "$WORK/base"
+}
 
-common=(--train_data_dir "$WORK/train" --resolution 64 --mixed_precision "$PRECISION"
-        --dataloader_num_workers "$WORKERS" --report_to none --checkpointing_steps 1000000 --lr_scheduler constant_with_warmup)
+train_tokenizer() {
 stamp "tokenizer: $TOKENIZER_STEPS steps"
 rm -rf "$WORK/tokenizer"
 "$PYTHON" -m diffusers_hart.cli.train_tokenizer "${common[@]}" --output_dir "$WORK/tokenizer" --train_batch_size "$BATCH" \
     --vae_config "$WORK/base/vae_config.json" --max_train_steps "$TOKENIZER_STEPS" --max_train_seconds "$TOKENIZER_SECONDS" \
     --learning_rate 4e-4 --lr_warmup_steps 50 --num_validation_images 64 --validation_steps 1000000
-stamp "transformer: $TRANSFORMER_STEPS steps"
-rm -rf "$WORK/transformer"
+}
+
+if [ "$RESUME" = 1 ] && [ -f "$WORK/tokenizer/diffusion_pytorch_model.safetensors" ]; then
+    stamp "resuming: data and tokenizer kept from the previous run"
+else
+    make_data
+    train_tokenizer
+fi
+if [ -n "${BUDGET:-}" ]; then
+    TRANSFORMER_SECONDS=$(( BUDGET - RESERVE - ($(date +%s) - START) ))
+fi
+resume=()
+if [ "$RESUME" = 1 ] && [ -d "$WORK/transformer" ]; then
+    resume=(--resume_from_checkpoint latest)
+else
+    rm -rf "$WORK/transformer"
+fi
+stamp "transformer: $TRANSFORMER_STEPS steps or $TRANSFORMER_SECONDS s ${resume[*]}"
 "$PYTHON" -m diffusers_hart.cli.train_transformer "${common[@]}" --output_dir "$WORK/transformer" \
     --train_batch_size "$TRANSFORMER_BATCH" \
     --text_encoder_path "$WORK/base" --vae_path "$WORK/tokenizer" \
     --transformer_config "$WORK/base/transformer_config.json" --system_prompt "$("$PYTHON" -c 'from diffusers_hart.training.shapes_model import SYSTEM_PROMPT; print(SYSTEM_PROMPT, end="")')" \
     --max_train_steps "$TRANSFORMER_STEPS" --max_train_seconds "$TRANSFORMER_SECONDS" --learning_rate 6e-4 \
     --lr_warmup_steps 100 \
-    --use_ema --ema_decay 0.999 --cache_text_context "$WORK/context" --validation_steps 1000000
+    --use_ema --ema_decay 0.999 --cache_text_context "$WORK/context" --validation_steps 1000000 "${resume[@]}"
 stamp "the shipped form: float16 weights (the CLI upcasts them on the CPU), evaluated as shipped"
 rm -rf "$WORK/shipped"
 "$PYTHON" - "$WORK/transformer" "$WORK/shipped" <<'EOF'
@@ -78,9 +106,7 @@ rm -rf "$WORK/eval"
 "$PYTHON" -m diffusers_hart.cli.shapes sample --model "$WORK/shipped" --output "$WORK/eval" \
     --num-prompts "$EVAL_PROMPTS" --batch-size 100 --dtype fp32
 stamp "collecting"
-cp "$WORK/tokenizer/logs/losses.jsonl" "$OUT/tokenizer_losses.jsonl"
-cp "$WORK/transformer/logs/losses.jsonl" "$OUT/transformer_losses.jsonl"
-cp "$WORK/eval/scores.json" "$OUT/scores.json"
+tar -cf "$OUT/shapes-logs.tar" -C "$WORK" tokenizer/logs transformer/logs eval/scores.json
 "$PYTHON" - "$WORK/eval" "$OUT/samples.png" <<'EOF'
 import json, sys
 from pathlib import Path

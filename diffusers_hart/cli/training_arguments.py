@@ -153,8 +153,8 @@ def build_training_parser(prog: str, description: str, output_dir: str, resoluti
                      help="optimizer steps; overrides --num_train_epochs (default: none)")
     run.add_argument("--max_train_seconds", type=positive_int, default=None,
                      help="also stop once training has run this long (checked after every optimizer step; the "
-                     "learning-rate schedule still spans --max_train_steps), then save as at the end; such a run is "
-                     "not reproducible step for step (default: none)")
+                     "learning-rate schedule still spans --max_train_steps), then checkpoint and save as at the end; "
+                     "such a run is not reproducible step for step (default: none)")
     run.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
                      help="forwards per optimizer step (default: %(default)s)")
     run.add_argument("--gradient_checkpointing", action="store_true",

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 LOSSES_FILE = "losses.jsonl"
 VALIDATION_FILE = "validation.jsonl"
+SUMMARY_FILE = "run_summary.json"
 ARGS_FILE = "training_args.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -386,6 +387,31 @@ class Trainer:
         late = torch.tensor(float(time.monotonic() > deadline), device=self.accelerator.device)
         return bool(self.accelerator.reduce(late, reduction="max").item())
 
+    def _write_summary(self, global_step: int, timed_from) -> None:
+        """`logging_dir/run_summary.json`: training images per second over the steps after the first (wall clock,
+        logging and checkpoints included) and each process's peak accelerator memory."""
+        accelerator, args = self.accelerator, self.args
+        device = accelerator.device
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        peaks = accelerator.gather(torch.tensor([peak / 2**30], device=device)).tolist()
+        if not accelerator.is_main_process or timed_from is None:
+            return
+        steps, seconds = global_step - timed_from[0], time.monotonic() - timed_from[1]
+        images_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        summary = {
+            "global_step": global_step,
+            "timed_steps": steps,
+            "timed_seconds": seconds,
+            "images_per_step": images_per_step,
+            "images_per_second": steps * images_per_step / seconds if steps and seconds > 0 else None,
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "peak_memory_gib_per_process": peaks if device.type == "cuda" else None,
+        }
+        (self.logging_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info(f"throughput: {summary['images_per_second']} images/s over {steps} steps")
+
     # ------------------------------------------------------------------ run
     def train(self) -> int:
         """Train to `max_train_steps`, checkpointing and validating on the way; returns the last global step."""
@@ -400,6 +426,7 @@ class Trainer:
         validated_at = None
         deadline = None if args.max_train_seconds is None else time.monotonic() + args.max_train_seconds
         out_of_time = False
+        timed_from = None  # (step, time) at the end of the run's first step: warm-up and compilation stay out
         for module in (o.module for o in self.objectives):
             module.train()
         for epoch in range(first_epoch, self.num_epochs):
@@ -422,11 +449,16 @@ class Trainer:
                     validated_at = global_step
                 sums = {}
                 out_of_time = deadline is not None and self._past(deadline)
+                if timed_from is None:
+                    timed_from = (global_step, time.monotonic())
                 if global_step >= self.max_train_steps or out_of_time:
                     break
         progress.close()
+        self._write_summary(global_step, timed_from)
         if out_of_time:
             logger.info(f"--max_train_seconds {args.max_train_seconds} reached at step {global_step}: stopping there")
+            if global_step % args.checkpointing_steps != 0:  # so that `--resume_from_checkpoint latest` goes on
+                save_checkpoint(self.accelerator, self.output_dir, global_step, args.checkpoints_total_limit)
         if validated_at != global_step:
             self._run_validation(global_step)
         accelerator.wait_for_everyone()
