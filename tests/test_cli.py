@@ -50,14 +50,15 @@ def _error(capsys, argv) -> str:
 
 def test_tiny_random_image(tmp_path):
     out = tmp_path / "nested" / "cat.png"
-    assert main(["a cat", "--output", str(out), "--seed", "1"]) == 0
+    assert main(["a cat", "--model", "tiny-random", "--output", str(out), "--seed", "1"]) == 0
     image = PIL.Image.open(out)
     assert image.size == tiny_random_pipeline().supported_size and image.mode == "RGB"
 
 
 def test_several_images_make_a_grid(tmp_path):
     out = tmp_path / "grid.png"
-    assert main(["a cat", "--output", str(out), "--num-images", "3", "--dtype", "fp32", "--device", "cpu"]) == 0
+    argv = ["a cat", "--model", "tiny-random", "--output", str(out), "--num-images", "3", "--dtype", "fp32"]
+    assert main([*argv, "--device", "cpu"]) == 0
     side = tiny_random_pipeline().supported_size[0]
     assert PIL.Image.open(out).size == (3 * side, side)
 

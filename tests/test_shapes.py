@@ -252,6 +252,11 @@ def test_evaluation_prompts():
     assert len(set(evaluation_prompts(606))) == sum(scene.held_out for scene in _all_scenes()) == 606
     with pytest.raises(ValueError, match="606 distinct"):
         evaluation_prompts(607)
+    training_like = evaluation_prompts(1410, split="train")
+    assert len(set(training_like)) == sum(not scene.held_out for scene in _all_scenes()) == 1410
+    assert not any(parse_caption(prompt).held_out for prompt in training_like)
+    with pytest.raises(ValueError, match="1410 distinct train prompts"):
+        evaluation_prompts(1411, split="train")
 
 
 def test_rendering_is_deterministic_from_the_seed():

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError
 
+from ..pretrained import PACKAGED_MODELS, SHAPES, packaged_model_path
 from ..utils import DTYPES
 from .parser import CommandParser, positive_int
 
@@ -55,7 +56,8 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(model: str, dtype: torch.dtype):
-    """The tiny random-weight pipeline for `TINY_RANDOM`, else `HARTPipeline.from_pretrained(model)`.
+    """The tiny random-weight pipeline for `TINY_RANDOM`, a packaged model by its name (`SHAPES`), else
+    `HARTPipeline.from_pretrained(model)`.
 
     A local path that does not exist raises `FileNotFoundError("no such folder: PATH")`, a Hub id missing from the
     offline cache an `OSError`; the caller reports both as one-line errors.
@@ -68,15 +70,19 @@ def load_pipeline(model: str, dtype: torch.dtype):
         logger.warning("Using the tiny random-weight model: its images are noise. Pass --model for a converted HART.")
         pipe = tiny_random_pipeline()
         return pipe if dtype == torch.float32 else pipe.to(dtype)
+    if model in PACKAGED_MODELS:
+        model = packaged_model_path(model)
     return HARTPipeline.from_pretrained(model, dtype=dtype)
 
 
 def add_model_arguments(parser: CommandParser) -> None:
     """The options that choose and run a model, shared by the commands that generate."""
     parser.add_argument(
-        "--model", default=TINY_RANDOM,
-        help=f"converted diffusers folder or Hub repo id; '{TINY_RANDOM}' builds a tiny untrained model "
-        "(default: %(default)s)",
+        "--model", default=SHAPES,
+        help=f"converted diffusers folder or Hub repo id; '{SHAPES}' is the small model shipped with the package, "
+        "trained on the shapes benchmark (64 px, prompts like 'a red circle at the top left and a blue square at "
+        f"the bottom right'); '{TINY_RANDOM}' builds a tiny untrained model; a local folder named like one of "
+        "these needs a path such as ./shapes (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--guidance-scale", type=float, default=4.5, help="classifier-free guidance scale (default: %(default)s)"

@@ -67,8 +67,14 @@ def build_sample_parser() -> CommandParser:
     add_model_arguments(parser)
     parser.add_argument("--output", required=True, help="folder for the images and metadata.jsonl (required)")
     parser.add_argument(
-        "--num-prompts", type=positive_int, default=200, help="evaluation prompts, at most 606 (default: %(default)s)"
-    )
+        "--num-prompts", type=positive_int, default=200,
+        help="evaluation prompts, at most 606 (1410 of --split train) (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--split", choices=SPLITS, default="eval",
+        help="'eval': every prompt holds a colour-shape pair held out of training; 'train': prompts of the training "
+        "distribution (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--prompt-seed", type=int, default=0, help="seed choosing the evaluation prompts (default: %(default)s)"
     )
@@ -101,7 +107,7 @@ def _sample(args: argparse.Namespace) -> None:
 
     # under a launcher, processes on a machine without CUDA (or told --device cpu) split the prompts over gloo
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    prompts = evaluation_prompts(args.num_prompts, args.prompt_seed)
+    prompts = evaluation_prompts(args.num_prompts, args.prompt_seed, args.split)
     pipe = pipeline_from_arguments(args, state.device if args.device == "auto" else None)
     pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
@@ -112,7 +118,9 @@ def _sample(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     if state.is_main_process:
         summary, per_image = evaluate_folder(args.output)
-        summary |= {"generation_seconds": seconds, "processes": state.num_processes, "model": args.model}
+        summary |= {
+            "generation_seconds": seconds, "processes": state.num_processes, "model": args.model, "split": args.split,
+        }  # fmt: skip
         print(json.dumps(summary, indent=2))
         (Path(args.output) / "scores.json").write_text(json.dumps({**summary, "per_image": per_image}, indent=2) + "\n")
 

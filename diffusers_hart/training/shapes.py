@@ -178,20 +178,26 @@ def sample_scene(rng: np.random.Generator, split: str) -> Scene:
             return scene
 
 
-def evaluation_prompts(n: int, seed: int = 0) -> List[str]:
-    """`n` distinct captions of evaluation scenes, the same for the same `n` and `seed`.
+def evaluation_prompts(n: int, seed: int = 0, split: str = "eval") -> List[str]:
+    """`n` distinct captions of `split`'s scenes, the same for the same `n`, `seed` and `split`: the held-out
+    evaluation prompts, or (`split="train"`) prompts of the training distribution, to tell memorised from composed.
 
-    There are 606 distinct evaluation captions (12 of one object, 594 of two); `ValueError` for more.
+    There are 606 distinct evaluation captions (12 of one object, 594 of two) and 1410 training ones; `ValueError`
+    for more.
     """
+    _check_split(split)
     pairs, held_out = len(COLOURS) * len(SHAPES), len(HELD_OUT_PAIRS)
-    # one object: a held-out pair at any position; two: any two pairs at two positions, less those with no held-out
-    distinct = held_out * len(POSITIONS) + math.comb(len(POSITIONS), 2) * (pairs**2 - (pairs - held_out) ** 2)
+    seen = pairs - held_out
+    if split == "eval":  # one object: a held-out pair at any position; two: any two pairs, less those with none
+        distinct = held_out * len(POSITIONS) + math.comb(len(POSITIONS), 2) * (pairs**2 - seen**2)
+    else:
+        distinct = seen * len(POSITIONS) + math.comb(len(POSITIONS), 2) * seen**2
     if not 1 <= n <= distinct:
-        raise ValueError(f"there are {distinct} distinct evaluation prompts; asked for {n}")
+        raise ValueError(f"there are {distinct} distinct {split} prompts; asked for {n}")
     rng = np.random.default_rng(seed)
     prompts: Dict[str, None] = {}  # insertion-ordered set
     while len(prompts) < n:
-        prompts[sample_scene(rng, "eval").caption] = None
+        prompts[sample_scene(rng, split).caption] = None
     return list(prompts)
 
 
