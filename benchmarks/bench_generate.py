@@ -81,17 +81,28 @@ def environment() -> dict:
 
 
 class PhaseTimer:
-    """Sums CUDA-event times of wrapped calls by phase, without synchronising inside the pipeline."""
+    """Sums CUDA-event times of wrapped calls by phase, without synchronising inside the pipeline, and notes which
+    phase last raised the allocator's peak (allocations happen at launch, on the host, so no sync is needed)."""
+
+    OUTSIDE = "between the timed phases"
 
     def __init__(self):
         self.events = defaultdict(list)
+        self.peak_phase, self.last_peak = None, 0
+
+    def note_peak(self, name) -> None:
+        peak = torch.cuda.max_memory_allocated()
+        if peak > self.last_peak:
+            self.peak_phase, self.last_peak = name, peak
 
     def wrap(self, name, function):
         def timed(*args, **kwargs):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.note_peak(self.OUTSIDE)
             start.record()
             out = function(*args, **kwargs)
             end.record()
+            self.note_peak(name)
             self.events[name].append((start, end))
             return out
 
@@ -136,11 +147,15 @@ def time_calls(call, batch_size, warmup, repeats, timer=None) -> dict:
     """Median wall time of `call(seed)` over `repeats` after `warmup` calls, CUDA-synchronised; peak memory and,
     with a `PhaseTimer`, the median of each phase."""
     torch.cuda.reset_peak_memory_stats()
+    if timer:
+        timer.peak_phase, timer.last_peak = None, 0
     times, phases = [], []
     for i in range(warmup + repeats):
         torch.cuda.synchronize()
         start = time.perf_counter()
         call(i)
+        if timer:
+            timer.note_peak(timer.OUTSIDE)
         torch.cuda.synchronize()
         seconds, phase = time.perf_counter() - start, timer.seconds() if timer else {}
         if i >= warmup:
@@ -152,6 +167,7 @@ def time_calls(call, batch_size, warmup, repeats, timer=None) -> dict:
         "images_per_s": batch_size / median, "repeats": repeats,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "phases_s": {name: statistics.median(p.get(name, 0.0) for p in phases) for name in PHASES} if timer else {},
+        "peak_reached_in": timer.peak_phase if timer else None,
     }  # fmt: skip
 
 
@@ -179,14 +195,15 @@ def time_reference(reference, batch_size, warmup, repeats):
 
 def markdown(results) -> str:
     lines = [
-        "| system: config | B | generator | median s | img/s | peak GiB | AR stages s | head s | decode s | text enc. s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| system: config | B | generator | median s | img/s | peak GiB | peak in | AR stages s | head s | decode s | "
+        "text enc. s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
         phases = [run["phases_s"].get(name) for name in (*PHASES, "text_encoder (not in median_s)")]
         lines.append(
             f"| {run['system']}: {run['config']} | {run['batch_size']} | {run['generator']} | {run['median_s']:.3f} | "
-            f"{run['images_per_s']:.2f} | {run['peak_memory_gib']:.1f} | "
+            f"{run['images_per_s']:.2f} | {run['peak_memory_gib']:.1f} | {run.get('peak_reached_in') or '-'} | "
             + " | ".join("-" if p is None else f"{p:.3f}" for p in phases) + " |"
         )
     ratios = speedups(results["runs"])

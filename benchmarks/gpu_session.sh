@@ -2,9 +2,10 @@
 # Everything that needs the GPU, for device calls of at most 10 minutes each, every part time-boxed:
 #   shapes  the shapes model (training/shapes_run.sh, RESUME=1 to train on from the previous call's checkpoint);
 #   tests   the GPU tests (test_gpu.py, the kernels, the fused model path);
+#   decode  bench_decode.py: the VAE decode, contiguous or channels-last, torch or fused group norm, profiled;
 #   bench   bench_generate.py against the original (REFERENCE_DIR, a checkout of mit-han-lab/hart), same run; the
-#           original's CUDA extension builds on the CPU while the tests run.
-# PARTS picks them, in that order (default: all three). Needs torch, triton, transformers, accelerate and diffusers
+#           original's CUDA extension builds on the CPU while the tests and the decode run.
+# PARTS picks them, in that order (default: all but decode). Needs torch, triton, transformers, accelerate and diffusers
 # importable by `python3` (no `python` shim: one made this way on the device hung a whole call). Results go to $OUT
 # (at most 8 files come back from a device call).
 #
@@ -42,6 +43,12 @@ if wants tests; then
         -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
     echo "gpu tests rc=$? at $(elapsed) s"
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -8
+fi
+
+if wants decode; then
+    timeout 150 python3 benchmarks/bench_decode.py --batch-sizes 1,4 --output "$OUT/decode.json" 2>&1 \
+        | grep -v -i warn | tail -12
+    echo "decode rc=${PIPESTATUS[0]} at $(elapsed) s"
 fi
 
 if wants bench; then
