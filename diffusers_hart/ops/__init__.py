@@ -6,6 +6,7 @@ references (`*_reference`) are what every kernel is tested against. Triton is ne
 """
 
 from .dispatch import DISABLE_TRITON_ENV, use_fused
+from .group_norm import group_norm_silu, group_norm_silu_reference
 from .modulate import modulate
 from .rms_norm import rms_norm, rms_norm_modulate, rms_norm_modulate_reference, rms_norm_reference
 from .rotary import apply_rotary_emb, apply_rotary_emb_reference
@@ -25,6 +26,8 @@ __all__ = [
     "apply_rotary_emb",
     "apply_rotary_emb_reference",
     "cfg_mix",
+    "group_norm_silu",
+    "group_norm_silu_reference",
     "inverse_cdf_sample",
     "modulate",
     "rms_norm",
