@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..group_norm import check_group_norm_args
+from ..checks import check_group_norm_args
 from ._common import EXACT, check_float, check_last_dim_contiguous, device_guard, program_count, warps_for
 from .swiglu import _silu_f32
 
