@@ -16,11 +16,15 @@ set -euo pipefail
 OUT=${OUT:-shapes-out}
 WORK=${WORK:-/tmp/hart-shapes}
 if [ "${SMOKE:-0}" = 1 ]; then
-    SHARDS=2 IMAGES_PER_SHARD=40 TOKENIZER_STEPS=4 TRANSFORMER_STEPS=4 BATCH=8 TRANSFORMER_BATCH=8 PRECISION=no WORKERS=0
+    SHARDS=2 CODEC_EVAL_SHARDS=1 IMAGES_PER_SHARD=40 TOKENIZER_STEPS=4 TRANSFORMER_STEPS=4 BATCH=8 TRANSFORMER_BATCH=8 PRECISION=no WORKERS=0
     EVAL_PROMPTS=4
 fi
 SHARDS=${SHARDS:-8}
 IMAGES_PER_SHARD=${IMAGES_PER_SHARD:-1500}
+# The tokenizer is an image codec and reads no captions: it also trains on this many shards of the held-out
+# colour-shape pairs (0 reproduces the first run's tokenizer, which never saw them and reconstructs them badly:
+# tokenizer_roundtrip.py). Only the transformer's caption-image pairs exclude the held-out pairs.
+CODEC_EVAL_SHARDS=${CODEC_EVAL_SHARDS:-2}
 TOKENIZER_STEPS=${TOKENIZER_STEPS:-20000}
 TRANSFORMER_STEPS=${TRANSFORMER_STEPS:-20000}
 # wall-clock limits: a device call lasts at most 10 minutes, and the step rate was not known beforehand
@@ -38,35 +42,48 @@ START=$(date +%s)
 stamp() { echo "[$(date +%T)] $*"; }
 PYTHON=${PYTHON:-python3}
 
-common=(--train_data_dir "$WORK/train" --resolution 64 --mixed_precision "$PRECISION"
+common=(--resolution 64 --mixed_precision "$PRECISION"
         --dataloader_num_workers "$WORKERS" --report_to none --checkpointing_steps 1000000 --lr_scheduler constant_with_warmup)
 
-make_data() {
-stamp "data: $SHARDS shards of $IMAGES_PER_SHARD training images, rendered in parallel"
-for shard in $(seq 0 $((SHARDS - 1))); do
-    "$PYTHON" -m diffusers_hart.cli.shapes make --output "$WORK/train/shard-$shard" --num-images "$IMAGES_PER_SHARD" \
-        --size 64 --seed "$shard" --overwrite &
-done
-wait
-"$PYTHON" - "$WORK/train" <<'EOF'
+merge_shards() {  # one metadata.jsonl for the shard folders directly under $1
+"$PYTHON" - "$1" <<'EOF'
 import json, sys
 from pathlib import Path
 root = Path(sys.argv[1])
 lines = []
-for shard in sorted(root.glob("shard-*")):
+for shard in sorted(root.glob("*shard-*")):
     for line in (shard / "metadata.jsonl").read_text().splitlines():
         record = json.loads(line)
         lines.append(json.dumps({"file_name": f"{shard.name}/{record['file_name']}", "text": record["text"]}) + "\n")
 (root / "metadata.jsonl").write_text("".join(lines))
-print(f"{len(lines)} images")
+print(f"{root}: {len(lines)} images")
 EOF
+}
+
+make_data() {
+stamp "data: $SHARDS shards of $IMAGES_PER_SHARD training images and $CODEC_EVAL_SHARDS of held-out-pair images for the tokenizer"
+for shard in $(seq 0 $((SHARDS - 1))); do
+    "$PYTHON" -m diffusers_hart.cli.shapes make --output "$WORK/train/shard-$shard" --num-images "$IMAGES_PER_SHARD" \
+        --size 64 --seed "$shard" --overwrite &
+done
+for shard in $(seq 0 $((CODEC_EVAL_SHARDS - 1))); do
+    "$PYTHON" -m diffusers_hart.cli.shapes make --output "$WORK/codec/eval-shard-$shard" --split eval \
+        --num-images "$IMAGES_PER_SHARD" --size 64 --seed "$((1000 + shard))" --overwrite &
+done
+wait
+mkdir -p "$WORK/codec"
+for shard in "$WORK"/train/shard-*; do
+    ln -sfn "../train/$(basename "$shard")" "$WORK/codec/$(basename "$shard")"
+done
+merge_shards "$WORK/train"
+merge_shards "$WORK/codec"
 "$PYTHON" -m diffusers_hart.training.shapes_model --output "$WORK/base"
 }
 
 train_tokenizer() {
 stamp "tokenizer: $TOKENIZER_STEPS steps"
 rm -rf "$WORK/tokenizer"
-"$PYTHON" -m diffusers_hart.cli.train_tokenizer "${common[@]}" --output_dir "$WORK/tokenizer" --train_batch_size "$BATCH" \
+"$PYTHON" -m diffusers_hart.cli.train_tokenizer "${common[@]}" --train_data_dir "$WORK/codec" --output_dir "$WORK/tokenizer" --train_batch_size "$BATCH" \
     --vae_config "$WORK/base/vae_config.json" --max_train_steps "$TOKENIZER_STEPS" --max_train_seconds "$TOKENIZER_SECONDS" \
     --learning_rate 4e-4 --lr_warmup_steps 50 --num_validation_images 64 --validation_steps 1000000
 }
@@ -87,7 +104,8 @@ else
     rm -rf "$WORK/transformer"
 fi
 stamp "transformer: $TRANSFORMER_STEPS steps or $TRANSFORMER_SECONDS s ${resume[*]}"
-"$PYTHON" -m diffusers_hart.cli.train_transformer "${common[@]}" --output_dir "$WORK/transformer" \
+"$PYTHON" -m diffusers_hart.cli.train_transformer "${common[@]}" --train_data_dir "$WORK/train" \
+    --output_dir "$WORK/transformer" \
     --train_batch_size "$TRANSFORMER_BATCH" \
     --text_encoder_path "$WORK/base" --vae_path "$WORK/tokenizer" \
     --transformer_config "$WORK/base/transformer_config.json" --system_prompt "$("$PYTHON" -c 'from diffusers_hart.training.shapes_model import SYSTEM_PROMPT; print(SYSTEM_PROMPT, end="")')" \
@@ -106,7 +124,9 @@ rm -rf "$WORK/eval"
 "$PYTHON" -m diffusers_hart.cli.shapes sample --model "$WORK/shipped" --output "$WORK/eval" \
     --num-prompts "$EVAL_PROMPTS" --batch-size 100 --dtype fp32
 stamp "collecting"
-tar -cf "$OUT/shapes-logs.tar" -C "$WORK" tokenizer/logs transformer/logs eval/scores.json
+"$PYTHON" benchmarks/training/tokenizer_roundtrip.py "$WORK/tokenizer" --num-images "$EVAL_PROMPTS" \
+    --output "$WORK/eval/tokenizer_roundtrip.json"
+tar -cf "$OUT/shapes-logs.tar" -C "$WORK" tokenizer/logs transformer/logs eval/scores.json eval/tokenizer_roundtrip.json
 "$PYTHON" - "$WORK/eval" "$OUT/samples.png" <<'EOF'
 import json, sys
 from pathlib import Path
