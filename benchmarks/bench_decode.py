@@ -15,8 +15,7 @@ import os
 
 import torch
 
-from bench_generate import environment, time_calls  # beside this file
-from diffusers_hart import HARTAutoEncoder
+from bench_generate import environment, release_vae, time_calls  # beside this file
 from diffusers_hart.ops import DISABLE_TRITON_ENV
 
 VARIANTS = {  # name: (channels-last, fused group norm)
@@ -25,12 +24,6 @@ VARIANTS = {  # name: (channels-last, fused group norm)
     "channels-last, torch norm": (True, False),
     "channels-last, fused norm": (True, True),
 }
-
-
-def release_vae(dtype: torch.dtype) -> HARTAutoEncoder:
-    torch.manual_seed(0)
-    vae = HARTAutoEncoder(ch=160, ch_mult=(1, 1, 2, 2, 4), z_channels=32, vocab_size=4096)
-    return vae.to("cuda", dtype).eval()
 
 
 def top_kernels(call, count: int = 5) -> list:
@@ -51,7 +44,8 @@ def main():
     parser.add_argument("--output", default=None, help="JSON file for the results")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    vae = release_vae(dtype)
+    torch.manual_seed(0)
+    vae = release_vae().to("cuda", dtype).eval()
     weights = torch.cuda.memory_allocated()
     results = {"what": __doc__.splitlines()[0], "dtype": args.dtype, **environment(), "runs": []}
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):

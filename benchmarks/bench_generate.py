@@ -45,6 +45,11 @@ PHASES = ("ar_stages", "diffusion_head", "decode")
 PROMPT = "A small fluffy white cat sleeping on a sunny windowsill, surrounded by pots of red flowers"
 
 
+def release_vae() -> HARTAutoEncoder:
+    """The tokenizer of HART-0.7B-1024px, random weights."""
+    return HARTAutoEncoder(ch=160, ch_mult=(1, 1, 2, 2, 4), z_channels=32, vocab_size=4096, patch_nums=PATCH_NUMS)
+
+
 def release_sized_pipeline(block_conditioning: str, dtype: torch.dtype, device: str, num_layers: int = 24):
     tokenizer = byte_level_tokenizer()
     with torch.device(device):
@@ -55,7 +60,7 @@ def release_sized_pipeline(block_conditioning: str, dtype: torch.dtype, device: 
                 pad_token_id=tokenizer.pad_token_id,
             )
         )  # fmt: skip
-        vae = HARTAutoEncoder(ch=160, ch_mult=(1, 1, 2, 2, 4), z_channels=32, vocab_size=4096, patch_nums=PATCH_NUMS)
+        vae = release_vae()
         transformer = HARTTransformer2DModel(
             patch_nums=PATCH_NUMS, num_layers=num_layers, hidden_size=1536, num_attention_heads=24,
             context_dim=1536, context_length=300, vocab_size=4096, latent_channels=32,
@@ -88,6 +93,10 @@ class PhaseTimer:
 
     def __init__(self):
         self.events = defaultdict(list)
+        self.forget_peak()
+
+    def forget_peak(self) -> None:
+        """Start over, after `torch.cuda.reset_peak_memory_stats()`."""
         self.peak_phase, self.last_peak = None, 0
 
     def note_peak(self, name) -> None:
@@ -148,7 +157,7 @@ def time_calls(call, batch_size, warmup, repeats, timer=None) -> dict:
     with a `PhaseTimer`, the median of each phase."""
     torch.cuda.reset_peak_memory_stats()
     if timer:
-        timer.peak_phase, timer.last_peak = None, 0
+        timer.forget_peak()
     times, phases = [], []
     for i in range(warmup + repeats):
         torch.cuda.synchronize()

@@ -15,18 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from diffusers_hart import HARTAutoEncoder
-from diffusers_hart.training.data import read_metadata
+from diffusers_hart.training.data import ImageTextFolder, collate_image_text, tensor_to_image
 from diffusers_hart.training.shapes import SPLITS, judge_image, write_dataset
 from diffusers_hart.training.tokenizer_step import inference_reconstructions
 
 KEYS = ("correct", "colour", "shape", "position", "count")
-
-
-def to_image(pixels: torch.Tensor) -> Image.Image:
-    return Image.fromarray(((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
 
 
 @torch.no_grad()
@@ -44,14 +39,11 @@ def main(argv=None):
         for split in SPLITS:
             folder = Path(scratch, split)
             write_dataset(folder, args.num_images, args.size, args.seed, split)
-            rows = read_metadata(folder)
-            pixels = torch.stack([
-                torch.from_numpy(np.array(Image.open(folder / name).convert("RGB"))).permute(2, 0, 1) / 127.5 - 1
-                for name, _ in rows
-            ])  # fmt: skip
-            continuous, discrete = inference_reconstructions(vae, pixels)
+            batch = collate_image_text(list(ImageTextFolder(folder, args.size)))
+            continuous, discrete = inference_reconstructions(vae, batch["pixel_values"])
             for kind, images in (("continuous", continuous), ("discrete", discrete)):
-                judged = [judge_image(to_image(image), text) for image, (_, text) in zip(images, rows)]
+                pairs = zip(images, batch["texts"])
+                judged = [judge_image(tensor_to_image(image[None]), text) for image, text in pairs]
                 scores[f"{split}/{kind}"] = {key: float(np.mean([getattr(j, key) for j in judged])) for key in KEYS}
                 print(split, kind, scores[f"{split}/{kind}"])
     if args.output:

@@ -64,6 +64,12 @@ def image_to_tensor(
     return pixels.flip(-1) if flip else pixels
 
 
+def tensor_to_image(images: torch.Tensor) -> Image.Image:
+    """The inverse of `image_to_tensor`: (B, 3, H, W) in [-1, 1], side by side as one RGB image."""
+    row = torch.cat(list(images.float().clamp(-1, 1).add(1).mul(127.5).round().byte().cpu()), dim=-1)
+    return Image.fromarray(row.permute(1, 2, 0).numpy())
+
+
 def collate_image_text(batch: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Items of `ImageTextFolder`/`ImageTextDataset` as `{"pixel_values": (B, 3, H, W), "texts": list of B str}`."""
     return {

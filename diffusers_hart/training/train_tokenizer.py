@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..models.autoencoders import HARTAutoEncoder
-from .data import collate_image_text
+from .data import collate_image_text, tensor_to_image
 from .tokenizer_step import (
     HARTTokenizerTrainingModule,
     HingeDiscriminatorLoss,
@@ -98,12 +98,6 @@ def split_held_out(args, dataset: Dataset) -> Tuple[Dataset, Optional[Dataset]]:
     return Subset(dataset, sorted(order[count:])), Subset(dataset, sorted(order[:count]))
 
 
-def _to_pil(images: torch.Tensor) -> Image.Image:
-    """(B, 3, H, W) in [-1, 1] side by side as one image."""
-    row = torch.cat(list(images.float().clamp(-1, 1).add(1).mul(127.5).round().byte().cpu()), dim=-1)
-    return Image.fromarray(row.permute(1, 2, 0).numpy())
-
-
 class HeldOutValidation:
     """PSNR of both decodes on held-out images, through the inference path; a grid (originals, continuous,
     discrete) saved as `output_dir/validation/step-N/reconstructions.png`."""
@@ -128,7 +122,7 @@ class HeldOutValidation:
         folder = self.output_dir / "validation" / f"step-{global_step}"
         folder.mkdir(parents=True, exist_ok=True)
         rows = [torch.cat([g[k] for g in grid])[:_GRID_IMAGES] for k in range(3)]
-        pils = [_to_pil(row) for row in rows]
+        pils = [tensor_to_image(row) for row in rows]
         canvas = Image.new("RGB", (pils[0].width, sum(p.height for p in pils)))
         for i, pil in enumerate(pils):
             canvas.paste(pil, (0, i * pils[0].height))
