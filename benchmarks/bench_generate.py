@@ -87,7 +87,11 @@ def environment() -> dict:
 
 class PhaseTimer:
     """Sums CUDA-event times of wrapped calls by phase, without synchronising inside the pipeline, and notes which
-    phase last raised the allocator's peak (allocations happen at launch, on the host, so no sync is needed)."""
+    phase last raised the allocator's peak (allocations happen at launch, on the host, so no sync is needed).
+
+    For memory, each phase also records (`memory`, GiB, the largest over its calls) what was allocated when it started
+    and how far its own peak rose above that: what a phase finds held, against what it adds.
+    """
 
     OUTSIDE = "between the timed phases"
 
@@ -98,20 +102,30 @@ class PhaseTimer:
     def forget_peak(self) -> None:
         """Start over, after `torch.cuda.reset_peak_memory_stats()`."""
         self.peak_phase, self.last_peak = None, 0
+        self.memory = {}
 
     def note_peak(self, name) -> None:
         peak = torch.cuda.max_memory_allocated()
         if peak > self.last_peak:
             self.peak_phase, self.last_peak = name, peak
 
+    def peak_bytes(self) -> int:
+        """The peak since `forget_peak`, across the per-phase resets of the allocator's peak."""
+        return max(self.last_peak, torch.cuda.max_memory_allocated())
+
     def wrap(self, name, function):
         def timed(*args, **kwargs):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.note_peak(self.OUTSIDE)
+            torch.cuda.reset_peak_memory_stats()  # the phase's own peak from here; last_peak keeps the overall one
+            held = torch.cuda.memory_allocated()
             start.record()
             out = function(*args, **kwargs)
             end.record()
             self.note_peak(name)
+            memory = self.memory.setdefault(name, {"held_at_start": 0.0, "rise": 0.0})
+            memory["held_at_start"] = max(memory["held_at_start"], held / 2**30)
+            memory["rise"] = max(memory["rise"], (torch.cuda.max_memory_allocated() - held) / 2**30)
             self.events[name].append((start, end))
             return out
 
@@ -174,9 +188,10 @@ def time_calls(call, batch_size, warmup, repeats, timer=None) -> dict:
     return {
         "batch_size": batch_size, "median_s": median, "min_s": min(times), "max_s": max(times),
         "images_per_s": batch_size / median, "repeats": repeats,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_gib": (timer.peak_bytes() if timer else torch.cuda.max_memory_allocated()) / 2**30,
         "phases_s": {name: statistics.median(p.get(name, 0.0) for p in phases) for name in PHASES} if timer else {},
         "peak_reached_in": timer.peak_phase if timer else None,
+        "memory_gib": timer.memory if timer else {},
     }  # fmt: skip
 
 
@@ -215,6 +230,15 @@ def markdown(results) -> str:
             f"{run['images_per_s']:.2f} | {run['peak_memory_gib']:.1f} | {run.get('peak_reached_in') or '-'} | "
             + " | ".join("-" if p is None else f"{p:.3f}" for p in phases) + " |"
         )
+    breakdowns = [run for run in results["runs"] if run.get("memory_gib")]
+    if breakdowns:
+        lines += ["", "| system: config | B | phase | GiB allocated at its start | GiB its peak rose above that |"]
+        lines.append("|---|---|---|---|---|")
+        lines += [
+            f"| {run['system']}: {run['config']} | {run['batch_size']} | {phase} | {m['held_at_start']:.2f} | "
+            f"{m['rise']:.2f} |"
+            for run in breakdowns for phase, m in run["memory_gib"].items()
+        ]  # fmt: skip
     ratios = speedups(results["runs"])
     if ratios:
         lines += ["", "| config | B | generator | original s | this package s | speed-up | peak GiB original / this |"]

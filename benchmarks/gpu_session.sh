@@ -39,7 +39,7 @@ if wants shapes; then
 fi
 
 if wants tests; then
-    timeout 90 python3 -m pytest tests/test_gpu.py tests/test_ops.py tests/test_fused_model_path.py -q \
+    timeout 120 python3 -m pytest tests/test_gpu.py tests/test_ops.py tests/test_fused_model_path.py tests/test_group_norm.py -q \
         -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
     echo "gpu tests rc=$? at $(elapsed) s"
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -8
@@ -56,7 +56,7 @@ if wants bench; then
     mkdir -p /tmp/bench
     # shellcheck disable=SC2086
     timeout $(( BUDGET - $(elapsed) )) python3 benchmarks/bench_generate.py $BENCH_ARGS --max-batch-size 8 \
-        --vae-slicing --reference-dir "$REFERENCE_DIR" --output /tmp/bench/bench.json 2>&1 | grep -v -i warn | tail -20
+        --vae-slicing --reference-dir "$REFERENCE_DIR" --output /tmp/bench/bench.json 2>&1 | grep -v -i warn | tail -40
     cp /tmp/bench/bench.json "$OUT/" 2>/dev/null
 fi
 echo "end at $(elapsed) s"

@@ -217,3 +217,24 @@ def test_channels_last_decode_on_cuda_gives_the_same_images():
     # must stay as close to float32 as the contiguous decode is
     error = {cl: (decoded[torch.bfloat16, cl].float() - reference).abs().mean() for cl in (False, True)}
     assert error[True] <= 1.25 * error[False]
+
+
+def test_turning_channels_last_off_makes_the_weights_contiguous_again(monkeypatch):
+    # The switch only acts on CUDA; letting it act on the CPU here runs the same conversions without a GPU.
+    monkeypatch.setattr(HARTAutoEncoder, "_channels_last_device_types", ("cpu",))
+    torch.manual_seed(0)
+    vae = HARTAutoEncoder(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=4, vocab_size=32, patch_nums=(1, 2, 4))
+    z = _latents(1, 8)
+    weights = [vae.decoder.conv_in.weight, vae.post_quant_conv.weight]
+    with torch.no_grad():
+        contiguous = vae.decode(z).sample
+        vae.use_channels_last = True
+        channels_last = vae.decode(z).sample
+        assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in weights)
+        vae.use_channels_last = False
+        again = vae.decode(z).sample
+    weights = [vae.decoder.conv_in.weight, vae.post_quant_conv.weight]
+    assert all(w.is_contiguous() for w in weights)  # before the fix they stayed channels-last
+    assert channels_last.is_contiguous()
+    torch.testing.assert_close(channels_last, contiguous, atol=BATCH_ATOL, rtol=0)
+    torch.testing.assert_close(again, contiguous, atol=0, rtol=0)

@@ -36,6 +36,10 @@ PRECISION=${PRECISION:-bf16}
 WORKERS=${WORKERS:-6}
 EVAL_PROMPTS=${EVAL_PROMPTS:-200}
 RESUME=${RESUME:-0}
+# TEXT_ENCODER=per-word writes the text encoder with zeroed attention outputs (shapes_model.shapes_text_encoder)
+TEXT_ENCODER=${TEXT_ENCODER:-contextual}
+# TOKENIZER_FROM=<folder> reuses a trained tokenizer (a HARTAutoEncoder folder) instead of training one
+TOKENIZER_FROM=${TOKENIZER_FROM:-}
 RESERVE=${RESERVE:-100}
 mkdir -p "$OUT" "$WORK"
 START=$(date +%s)
@@ -77,7 +81,9 @@ for shard in "$WORK"/train/shard-*; do
 done
 merge_shards "$WORK/train"
 merge_shards "$WORK/codec"
-"$PYTHON" -m diffusers_hart.training.shapes_model --output "$WORK/base"
+base_flags=()
+[ "$TEXT_ENCODER" = per-word ] && base_flags=(--per-word-text-encoder)
+"$PYTHON" -m diffusers_hart.training.shapes_model --output "$WORK/base" "${base_flags[@]}"
 }
 
 train_tokenizer() {
@@ -92,7 +98,12 @@ if [ "$RESUME" = 1 ] && [ -f "$WORK/tokenizer/diffusion_pytorch_model.safetensor
     stamp "resuming: data and tokenizer kept from the previous run"
 else
     make_data
-    train_tokenizer
+    if [ -n "$TOKENIZER_FROM" ]; then
+        stamp "tokenizer: reused from $TOKENIZER_FROM"
+        rm -rf "$WORK/tokenizer" && cp -r "$TOKENIZER_FROM" "$WORK/tokenizer" && mkdir -p "$WORK/tokenizer/logs"
+    else
+        train_tokenizer
+    fi
 fi
 if [ -n "${BUDGET:-}" ]; then
     TRANSFORMER_SECONDS=$(( BUDGET - RESERVE - ($(date +%s) - START) ))

@@ -65,8 +65,16 @@ def shapes_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def shapes_text_encoder(tokenizer: PreTrainedTokenizerFast, seed: int = TEXT_ENCODER_SEED) -> Qwen2Model:
-    """A two-layer Qwen2 at its seeded initialisation (frozen by the trainers: it has no `text_encoder` to train)."""
+def shapes_text_encoder(
+    tokenizer: PreTrainedTokenizerFast, seed: int = TEXT_ENCODER_SEED, per_word: bool = False
+) -> Qwen2Model:
+    """A two-layer Qwen2 at its seeded initialisation (frozen by the trainers: it has no `text_encoder` to train).
+
+    `per_word=True` zeroes the attention output projections, so each token's state is a function of its own word
+    alone. Random attention otherwise blends a shape word's state with the colour before it, and a colour-shape pair
+    that training never showed reads as a state the transformer never saw; per-word states keep such a pair the two
+    words it is made of (the transformer's 1D RoPE over the context still tells it which word comes where).
+    """
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -79,17 +87,20 @@ def shapes_text_encoder(tokenizer: PreTrainedTokenizerFast, seed: int = TEXT_ENC
         )  # fmt: skip
     finally:
         torch.random.set_rng_state(generator_state)
+    if per_word:
+        for layer in model.layers:
+            torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
     return model.eval()
 
 
-def write_base(folder) -> Path:
+def write_base(folder, per_word_text_encoder: bool = False) -> Path:
     """Write what the trainers start from: `tokenizer/` and `text_encoder/` (for `--text_encoder_path`),
     `vae_config.json` and `transformer_config.json` (for `--vae_config` / `--transformer_config`), and
     `pipeline_config.json` (the system prompt)."""
     folder = Path(folder)
     tokenizer = shapes_tokenizer()
     tokenizer.save_pretrained(folder / "tokenizer")
-    shapes_text_encoder(tokenizer).save_pretrained(folder / "text_encoder")
+    shapes_text_encoder(tokenizer, per_word=per_word_text_encoder).save_pretrained(folder / "text_encoder")
     (folder / "vae_config.json").write_text(json.dumps(VAE_CONFIG, indent=2) + "\n")
     (folder / "transformer_config.json").write_text(json.dumps(TRANSFORMER_CONFIG, indent=2) + "\n")
     (folder / "pipeline_config.json").write_text(json.dumps({"system_prompt": SYSTEM_PROMPT}, indent=2) + "\n")
@@ -99,4 +110,8 @@ def write_base(folder) -> Path:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="folder to write")
-    print(write_base(parser.parse_args().output))
+    parser.add_argument(
+        "--per-word-text-encoder", action="store_true", help="zero the text encoder's attention outputs (see shapes_text_encoder)"
+    )
+    args = parser.parse_args()
+    print(write_base(args.output, per_word_text_encoder=args.per_word_text_encoder))

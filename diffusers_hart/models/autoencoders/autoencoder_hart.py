@@ -252,16 +252,17 @@ class HARTAutoEncoder(HARTModelMixin, AutoencoderMixin, ConfigMixin):
         * `use_channels_last` (attribute, default `False`): on CUDA, decode in the channels-last memory format that
           cuDNN's fastest half-precision convolutions use (the decoder's conv weights are converted once); the
           returned images are contiguous as before, equal up to the convolutions' rounding. It changes nothing on
-          other devices. Off by default: with torch 2.11 on an H200 (bf16, 1024 px, B=1) it decoded in 0.135 s
-          instead of 0.087 s with 2.8 instead of 2.2 GiB, since CUDA's group norm there works in the contiguous
-          format and converts every activation back and forth. The norms now run the fused kernel
-          (`ops.group_norm_silu`), which keeps either format; `benchmarks/bench_decode.py` times both layouts.
+          other devices, and turning it off converts the weights back. Off by default: on an H200 (torch 2.11,
+          bf16, 1024 px, B=1, `benchmarks/bench_decode.py`) the decode took 0.045 s contiguous and 0.078 s
+          channels-last with the fused norm (`ops.group_norm_silu`, which reads a group's channels in short
+          strided runs in that layout), 0.088 s and 0.136 s with torch's.
 
     Measured on an H200 (torch 2.11, bf16, 1024 px, the release's decoder, memory above the weights): a batch of 4
     peaked at 11.3 GiB (0.41 s); sliced, at 2.9 GiB (0.54 s); sliced and tiled in 512 px tiles, at 0.76 GiB.
     """
 
     _supports_gradient_checkpointing = True
+    _channels_last_device_types = ("cuda",)  # where `use_channels_last` applies
 
     @register_to_config
     def __init__(
@@ -307,6 +308,7 @@ class HARTAutoEncoder(HARTModelMixin, AutoencoderMixin, ConfigMixin):
         self.tile_sample_stride_height = 448
         self.tile_sample_stride_width = 448
         self.use_channels_last = False
+        self._decoder_is_channels_last = False
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_conv(self.encoder(x))
@@ -355,13 +357,18 @@ class HARTAutoEncoder(HARTModelMixin, AutoencoderMixin, ConfigMixin):
 
     def _decode_on_device(self, z: torch.Tensor) -> torch.Tensor:
         """`_decode` for inference: channels-last on CUDA (see the class docstring), contiguous images out."""
-        if not (self.use_channels_last and z.device.type == "cuda"):
-            return self._decode(z)
-        # once, and only where the weights live on the GPU (not the meta placeholders of sequential offload)
+        channels_last = self.use_channels_last and z.device.type in self._channels_last_device_types
+        # Converted once per switch, and only where the weights are real (not the meta placeholders of sequential
+        # offload). Back to contiguous as well when the attribute is turned off: a convolution whose weight is
+        # channels-last runs channels-last whatever its input, so leftover weights would keep the decode in that format.
         weight = self.decoder.conv_in.weight
-        if weight.device.type == "cuda" and not weight.is_contiguous(memory_format=torch.channels_last):
-            self.post_quant_conv.to(memory_format=torch.channels_last)
-            self.decoder.to(memory_format=torch.channels_last)
+        if channels_last != self._decoder_is_channels_last and weight.device.type == z.device.type:
+            memory_format = torch.channels_last if channels_last else torch.contiguous_format
+            self.post_quant_conv.to(memory_format=memory_format)
+            self.decoder.to(memory_format=memory_format)
+            self._decoder_is_channels_last = channels_last
+        if not channels_last:
+            return self._decode(z)
         return self._decode(z.contiguous(memory_format=torch.channels_last)).contiguous()
 
     def _decode_maybe_tiled(self, z: torch.Tensor) -> torch.Tensor:
