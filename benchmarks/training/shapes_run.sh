@@ -5,9 +5,10 @@
 #
 #   OUT=shapes-out bash benchmarks/training/shapes_run.sh
 #
-# Writes under $OUT: shapes-logs.tar (both trainings' logs/ with losses.jsonl and run_summary.json, and scores.json
-# of the held-out prompts), samples.png (a grid of them) and the trained pipeline (float16 weights) as
-# shapes-model.tar.part-* (split below 16 MB each).
+# Writes under $OUT: the trained pipeline (float16 weights) as shapes-model.tar.part-* (split below 16 MB each) and
+# shapes-logs.tar (both trainings' logs/ with losses.jsonl and run_summary.json), as soon as training ends; then
+# adds scores.json of the held-out prompts to the tar, samples.png (a grid of them), and, when this call trained the
+# tokenizer, tokenizer_roundtrip.json.
 #
 # BUDGET=<seconds> fits the whole script in that time: the transformer trains until BUDGET - RESERVE seconds after
 # the start. RESUME=1 keeps $WORK's data and tokenizer and resumes the transformer from its latest checkpoint (a
@@ -86,7 +87,9 @@ base_flags=()
 "$PYTHON" -m diffusers_hart.training.shapes_model --output "$WORK/base" "${base_flags[@]}"
 }
 
+TOKENIZER_TRAINED=0
 train_tokenizer() {
+TOKENIZER_TRAINED=1
 stamp "tokenizer: $TOKENIZER_STEPS steps"
 rm -rf "$WORK/tokenizer"
 "$PYTHON" -m diffusers_hart.cli.train_tokenizer "${common[@]}" --train_data_dir "$WORK/codec" --output_dir "$WORK/tokenizer" --train_batch_size "$BATCH" \
@@ -130,14 +133,14 @@ import sys, torch
 from diffusers_hart import HARTPipeline
 HARTPipeline.from_pretrained(sys.argv[1]).to(torch.float16).save_pretrained(sys.argv[2])
 EOF
+# the model and the training logs go to $OUT first, so that a call cut short in the evaluation still returns them
+(cd "$WORK/shipped" && tar -cf - .) | split -b 15m - "$OUT/shapes-model.tar.part-"
+tar -cf "$OUT/shapes-logs.tar" -C "$WORK" tokenizer/logs transformer/logs
 stamp "evaluation: $EVAL_PROMPTS held-out prompts"
 rm -rf "$WORK/eval"
 "$PYTHON" -m diffusers_hart.cli.shapes sample --model "$WORK/shipped" --output "$WORK/eval" \
     --num-prompts "$EVAL_PROMPTS" --batch-size 100 --dtype fp32
-stamp "collecting"
-"$PYTHON" benchmarks/training/tokenizer_roundtrip.py "$WORK/tokenizer" --num-images "$EVAL_PROMPTS" \
-    --output "$WORK/eval/tokenizer_roundtrip.json"
-tar -cf "$OUT/shapes-logs.tar" -C "$WORK" tokenizer/logs transformer/logs eval/scores.json eval/tokenizer_roundtrip.json
+tar -rf "$OUT/shapes-logs.tar" -C "$WORK" eval/scores.json
 "$PYTHON" - "$WORK/eval" "$OUT/samples.png" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -149,5 +152,10 @@ images = [Image.open(folder / name).convert("RGB") for name in names]
 images += [Image.new("RGB", images[0].size)] * (-len(images) % 8)
 make_image_grid(images, rows=len(images) // 8, cols=8).save(sys.argv[2])
 EOF
-(cd "$WORK/shipped" && tar -cf - .) | split -b 15m - "$OUT/shapes-model.tar.part-"
+if [ "$TOKENIZER_TRAINED" = 1 ]; then  # a kept or reused tokenizer was judged when it was trained
+    stamp "tokenizer roundtrip"
+    "$PYTHON" benchmarks/training/tokenizer_roundtrip.py "$WORK/tokenizer" --num-images "$EVAL_PROMPTS" \
+        --output "$WORK/eval/tokenizer_roundtrip.json"
+    tar -rf "$OUT/shapes-logs.tar" -C "$WORK" eval/tokenizer_roundtrip.json
+fi
 stamp "done"
