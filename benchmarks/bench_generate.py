@@ -217,37 +217,39 @@ def time_reference(reference, batch_size, warmup, repeats):
     return {"generator": "original's own (CUDA)", **time_calls(lambda seed: reference(context, seed), batch_size, warmup, repeats)}
 
 
+def _table(header, rows) -> list:
+    """Markdown lines of a table: `header` cells, then one line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def markdown(results) -> str:
-    lines = [
-        "| system: config | B | generator | median s | img/s | peak GiB | peak in | AR stages s | head s | decode s | "
-        "text enc. s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for run in results["runs"]:
+    runs = results["runs"]
+    header = ("system: config", "B", "generator", "median s", "img/s", "peak GiB", "peak in", "AR stages s", "head s",
+              "decode s", "text enc. s")  # fmt: skip
+    rows = []
+    for run in runs:
         phases = [run["phases_s"].get(name) for name in (*PHASES, "text_encoder (not in median_s)")]
-        lines.append(
-            f"| {run['system']}: {run['config']} | {run['batch_size']} | {run['generator']} | {run['median_s']:.3f} | "
-            f"{run['images_per_s']:.2f} | {run['peak_memory_gib']:.1f} | {run.get('peak_reached_in') or '-'} | "
-            + " | ".join("-" if p is None else f"{p:.3f}" for p in phases) + " |"
-        )
-    breakdowns = [run for run in results["runs"] if run.get("memory_gib")]
-    if breakdowns:
-        lines += ["", "| system: config | B | phase | GiB allocated at its start | GiB its peak rose above that |"]
-        lines.append("|---|---|---|---|---|")
-        lines += [
-            f"| {run['system']}: {run['config']} | {run['batch_size']} | {phase} | {m['held_at_start']:.2f} | "
-            f"{m['rise']:.2f} |"
-            for run in breakdowns for phase, m in run["memory_gib"].items()
-        ]  # fmt: skip
-    ratios = speedups(results["runs"])
+        rows.append([
+            f"{run['system']}: {run['config']}", str(run["batch_size"]), run["generator"], f"{run['median_s']:.3f}",
+            f"{run['images_per_s']:.2f}", f"{run['peak_memory_gib']:.1f}", run.get("peak_reached_in") or "-",
+            *("-" if p is None else f"{p:.3f}" for p in phases),
+        ])  # fmt: skip
+    lines = _table(header, rows)
+    memory_rows = [
+        [f"{run['system']}: {run['config']}", str(run["batch_size"]), phase, f"{m['held_at_start']:.2f}", f"{m['rise']:.2f}"]
+        for run in runs for phase, m in run.get("memory_gib", {}).items()
+    ]  # fmt: skip
+    if memory_rows:
+        header = ("system: config", "B", "phase", "GiB allocated at its start", "GiB its peak rose above that")
+        lines += ["", *_table(header, memory_rows)]
+    ratios = speedups(runs)
     if ratios:
-        lines += ["", "| config | B | generator | original s | this package s | speed-up | peak GiB original / this |"]
-        lines.append("|---|---|---|---|---|---|---|")
-        lines += [
-            f"| {r['config']} | {r['batch_size']} | {r['generator']} | {r['original_s']:.3f} | {r['this_s']:.3f} | "
-            f"{r['speedup']:.2f}x | {r['original_peak_gib']:.1f} / {r['this_peak_gib']:.1f} |"
+        header = ("config", "B", "generator", "original s", "this package s", "speed-up", "peak GiB original / this")
+        lines += ["", *_table(header, (
+            [r["config"], str(r["batch_size"]), r["generator"], f"{r['original_s']:.3f}", f"{r['this_s']:.3f}",
+             f"{r['speedup']:.2f}x", f"{r['original_peak_gib']:.1f} / {r['this_peak_gib']:.1f}"]
             for r in ratios
-        ]
+        ))]  # fmt: skip
     return "\n".join(lines)
 
 
