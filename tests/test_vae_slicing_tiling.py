@@ -206,7 +206,12 @@ def test_channels_last_decode_on_cuda_gives_the_same_images():
                 for channels_last in (False, True):
                     vae.use_channels_last = channels_last
                     decoded[dtype, channels_last] = vae.decode(z.to(dtype)).sample
-            assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+                assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+                vae.use_channels_last = False  # back to the contiguous decode, weights included
+                again = vae.decode(z.to(dtype)).sample
+            assert vae.decoder.conv_in.weight.is_contiguous()
+            if dtype == torch.float32:
+                torch.testing.assert_close(again, decoded[dtype, False], atol=BATCH_ATOL, rtol=0)
             assert decoded[dtype, True].is_contiguous()
     finally:
         torch.backends.cudnn.allow_tf32 = saved
