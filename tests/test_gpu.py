@@ -11,6 +11,8 @@ from conftest import CASES
 
 import diffusers_hart.pipelines.hart.sampling as sampling_module
 from diffusers_hart.conversion import from_original
+from diffusers_hart.models.transformers.kv_cache import HARTKVCache
+from diffusers_hart.models.transformers.transformer_hart import HARTAttention
 from diffusers_hart.pipelines.hart.sampling import RandomStreams
 from diffusers_hart.pipelines.hart.tiny import tiny_random_pipeline
 
@@ -149,3 +151,25 @@ def test_cuda_graphs_give_the_eager_images(dtype):
     torch.testing.assert_close(images(*calls[0]), graphed[0], atol=0, rtol=0)
     pipe.disable_cuda_graphs()
     torch.testing.assert_close(images(*calls[0]), eager[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_last_stage_attention_never_holds_the_score_matrix(dtype):
+    # The release's last stage: 4,096 queries against the 5,654 cached tokens and themselves, 24 heads of 64, CFG's
+    # two rows. Its (2, 24, 4096, 9750) scores would take 3.6 GiB in 16 bits; flash or memory-efficient attention
+    # never materialises them, the math fallback does (at B=16, rows 16: 28.6 GiB).
+    rows, heads, head_dim, queries, cached = 2, 24, 64, 4096, 5654
+    attention = HARTAttention(heads * head_dim, heads).to("cuda", dtype)
+    cache = HARTKVCache(1, rows, heads, head_dim, cached, device="cuda", dtype=dtype)
+    cache.length = cached
+    hidden_states = torch.randn(rows, queries, heads * head_dim, device="cuda", dtype=dtype)
+    rotary = (torch.ones(rows, queries, head_dim, device="cuda"), torch.zeros(rows, queries, head_dim, device="cuda"))
+    scores_bytes = rows * heads * queries * (cached + queries) * torch.finfo(dtype).bits // 8
+    with torch.no_grad():
+        attention(hidden_states, rotary, cache, 0, None, False)  # warm-up: workspaces, kernel selection
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        attention(hidden_states, rotary, cache, 0, None, False)
+        torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < scores_bytes / 8
