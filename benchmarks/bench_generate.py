@@ -236,7 +236,8 @@ def markdown(results) -> str:
         ])  # fmt: skip
     lines = _table(header, rows)
     memory_rows = [
-        [f"{run['system']}: {run['config']}", str(run["batch_size"]), phase, f"{m['held_at_start']:.2f}", f"{m['rise']:.2f}"]
+        [f"{run['system']}: {run['config']}", str(run["batch_size"]), phase, f"{m['held_at_start']:.2f}",
+         f"{m['rise']:.2f}"]
         for run in runs for phase, m in run.get("memory_gib", {}).items()
     ]  # fmt: skip
     if memory_rows:

@@ -111,7 +111,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="folder to write")
     parser.add_argument(
-        "--per-word-text-encoder", action="store_true", help="zero the text encoder's attention outputs (see shapes_text_encoder)"
-    )
+        "--per-word-text-encoder", action="store_true",
+        help="zero the text encoder's attention outputs (see shapes_text_encoder)",
+    )  # fmt: skip
     args = parser.parse_args()
     print(write_base(args.output, per_word_text_encoder=args.per_word_text_encoder))
