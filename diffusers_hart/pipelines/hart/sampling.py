@@ -20,7 +20,6 @@ random numbers: a seed gives the same images on the same kind of device, not the
 """
 
 import copy
-import copy
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -76,16 +75,6 @@ class RandomStreams:
             self.token_generators.append(g if on_device else torch.Generator(draw_device).manual_seed(token_seed))
             self.noise_generators.append(torch.Generator(draw_device).manual_seed(noise_seed))
         self.device = device
-
-    def select(self, rows: slice) -> "RandomStreams":
-        """The streams of the images `rows` (a micro-batch): their own generators when every image has some; with one
-        generator for the whole batch, that one, which consecutive micro-batches then draw from one after the other."""
-        if not self.per_image or rows == slice(0, len(self.token_generators)):
-            return self
-        view = copy.copy(self)
-        view.token_generators = self.token_generators[rows]
-        view.noise_generators = self.noise_generators[rows]
-        return view
 
     def select(self, rows: slice) -> "RandomStreams":
         """The streams of the images `rows` (a micro-batch): their own generators when every image has some; with one
