@@ -14,11 +14,15 @@ from diffusers_hart.pipelines.hart.tiny import tiny_random_pipeline
 BATCH_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def vae():
+def _tiny_vae() -> HARTAutoEncoder:
     # two levels: 2x upsampling keeps a 16 x 16 latent (a 32 px image) cheap to decode in pieces
     torch.manual_seed(0)
     return HARTAutoEncoder(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=4, vocab_size=32, patch_nums=(1, 2, 4)).eval()
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return _tiny_vae()
 
 
 def _latents(batch_size, side, seed=0):
@@ -227,8 +231,7 @@ def test_channels_last_decode_on_cuda_gives_the_same_images():
 def test_turning_channels_last_off_makes_the_weights_contiguous_again(monkeypatch):
     # The switch only acts on CUDA; letting it act on the CPU here runs the same conversions without a GPU.
     monkeypatch.setattr(HARTAutoEncoder, "_channels_last_device_types", ("cpu",))
-    torch.manual_seed(0)
-    vae = HARTAutoEncoder(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=4, vocab_size=32, patch_nums=(1, 2, 4))
+    vae = _tiny_vae()  # its own: the module's fixture must keep its contiguous weights
     z = _latents(1, 8)
     weights = [vae.decoder.conv_in.weight, vae.post_quant_conv.weight]
     with torch.no_grad():
