@@ -10,7 +10,7 @@
 # (at most 8 files come back from a device call).
 #
 #   PARTS="shapes" BUDGET=560 OUT=$OUT bash benchmarks/gpu_session.sh
-#   PARTS="tests bench" REFERENCE_DIR=.reference/hart OUT=$OUT bash benchmarks/gpu_session.sh
+#   PARTS="tests bench" REFERENCE_DIR=.reference/hart OUT=$OUT bash benchmarks/gpu_session.sh  (MAX_BATCH_SIZE, default 8)
 set -u
 OUT=${OUT:-gpu-session-out}
 PARTS=${PARTS:-shapes tests bench}
@@ -55,7 +55,7 @@ if wants bench; then
     wait
     mkdir -p /tmp/bench
     # shellcheck disable=SC2086
-    timeout $(( BUDGET - $(elapsed) )) python3 benchmarks/bench_generate.py $BENCH_ARGS --max-batch-size 8 \
+    timeout $(( BUDGET - $(elapsed) )) python3 benchmarks/bench_generate.py $BENCH_ARGS --max-batch-size "${MAX_BATCH_SIZE:-8}" \
         --vae-slicing --reference-dir "$REFERENCE_DIR" --output /tmp/bench/bench.json 2>&1 | grep -v -i warn | tail -40
     cp /tmp/bench/bench.json "$OUT/" 2>/dev/null
 fi

@@ -128,6 +128,13 @@ def test_encode_prompt_works_with_only_the_text_components(pipe, tmp_path):
         text_only.encode_prompt([PROMPT], device="cpu")
 
 
+def test_encode_prompt_keeps_no_autograd_graph_of_the_text_encoder(pipe):
+    # called by a user with grad mode on, the context must not hold the text encoder's activations alive
+    assert torch.is_grad_enabled() and any(p.requires_grad for p in pipe.text_encoder.parameters())
+    for tensor in pipe.encode_prompt([PROMPT], "blurry", device="cpu"):
+        assert tensor.grad_fn is None and not tensor.requires_grad
+
+
 def test_negative_embeds_with_several_images_per_prompt(pipe):
     embeds = pipe.encode_prompt([PROMPT, "a blue square"], ["blurry", "dark"], device="cpu")
     names = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")

@@ -247,7 +247,12 @@ class HARTPipeline(DiffusionPipeline):
             system_ids = system_ids.expand(input_ids.shape[0], -1)
             text_ids = torch.cat([system_ids, input_ids], dim=1)
             text_mask = torch.cat([torch.ones_like(system_ids, dtype=torch.bool), attention_mask], dim=1)
-        hidden = self.text_encoder(text_ids, attention_mask=text_mask.long(), output_hidden_states=True).hidden_states[-1]
+        # HART's text encoder is frozen. Outside `__call__` (a user's own `encode_prompt` call) grad mode may be on,
+        # and the returned context would keep the whole forward's activations alive through its autograd graph:
+        # 30 GiB for 16 prompts at the release's size, held for as long as the user keeps the embeddings.
+        with torch.no_grad():
+            hidden = self.text_encoder(text_ids, attention_mask=text_mask.long(), output_hidden_states=True)
+        hidden = hidden.hidden_states[-1]
         return hidden[:, text_ids.shape[1] - input_ids.shape[1] :].float(), attention_mask
 
     def encode_prompt(
