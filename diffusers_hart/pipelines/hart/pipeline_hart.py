@@ -272,7 +272,8 @@ class HARTPipeline(DiffusionPipeline):
         """Encode prompts into the text context of the conditional and unconditional branches.
 
         Needs only the tokenizer and the text encoder (pass `max_sequence_length` when the pipeline has no
-        transformer). The outputs passed to `__call__` under the same names reproduce its images.
+        transformer). The outputs passed to `__call__` under the same names reproduce its images. HART's text encoder
+        is frozen: it runs without gradients whatever the grad mode, so the outputs hold no autograd graph.
 
         Returns:
             `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)`, each
