@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -104,6 +106,22 @@ def golden() -> Golden:
     if not (GOLDEN_DIR / "golden.json").is_file():
         pytest.fail(f"golden data not found at {GOLDEN_DIR}; set HART_GOLDEN_DIR to the shared/golden folder")
     return Golden(GOLDEN_DIR)
+
+
+def run_launcher(command, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True)` for a launcher of several processes
+    (`torch.distributed.run`): past `timeout`, it kills the launcher's whole process group, workers included (killing
+    the launcher alone left hung workers behind), and fails the test with the end of their output."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    ) as launcher:
+        try:
+            stdout, stderr = launcher.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            stdout, stderr = launcher.communicate()
+            pytest.fail(f"{' '.join(map(str, command))} did not finish in {timeout} s; its output ended:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import run_launcher
 from PIL import Image, ImageDraw, ImageFilter
 
 from diffusers_hart.cli.shapes import (
@@ -354,14 +355,13 @@ def test_sample_splits_the_prompts_across_two_processes(tmp_path):
     """Two processes (torch.distributed.run, gloo on the CPU) share the prompts and write the folder that one process
     writes: each image seeded on its own, so equal up to a level of matmul rounding."""
     import os
-    import subprocess
     import sys
 
     common = ["--model", "tiny-random", "--num-prompts", "6", "--steps", "2", "--batch-size", "2", "--device", "cpu"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command = [*launcher, "-m", "diffusers_hart.cli.shapes", "sample", *common, "--output", str(tmp_path / "two")]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=120)
+    result = run_launcher(command, timeout=120, env=environment)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "two" / "scores.json").read_text())["processes"] == 2
     assert main_sample([*common, "--output", str(tmp_path / "one")]) == 0

@@ -4,13 +4,13 @@ the losses fall, held-out PSNR is reported, the discriminator starts at its step
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from conftest import run_launcher
 
 from diffusers_hart.cli.train_tokenizer import main as cli_main
 from diffusers_hart.models import HARTAutoEncoder
@@ -98,7 +98,7 @@ def test_two_processes_with_ddp_train_and_checkpoint(tmp_path):
                "--discriminator_start_step", "1", "--discriminator_channels", "8",
                "--discriminator_layers", "2"]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_launcher(command, timeout=300, cwd=REPO_ROOT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = tmp_path / "out" / "checkpoint-3"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
