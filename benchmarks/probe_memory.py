@@ -8,81 +8,117 @@ what each stage's graph capture adds. Needs CUDA.
 
     OUT=out python3 benchmarks/probe_memory.py
 """
-import collections, gc, os, sys
-sys.path.insert(0, "benchmarks")
+
+import collections
+import gc
+import os
+import sys
+
 import torch
-import bench_generate as bg
-from diffusers_hart.pipelines.hart import stage_runner as sr
 
-OUT = os.environ["OUT"]
-G = 2**30
-log = open(f"{OUT}/memory_probe.txt", "w")
-def say(*a):
-    print(*a, file=log, flush=True); print(*a, flush=True)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_generate  # noqa: E402 (beside this file)
 
-torch.manual_seed(0)
-pipe = bg.release_sized_pipeline("adaln_single", torch.bfloat16, "cuda")
-pipe.vae.enable_slicing()
-say("after build", torch.cuda.memory_allocated() / G)
-orig_capture = sr.CUDAGraphStageRunner._capture
-def capture(self, si, tokens):
-    before = torch.cuda.memory_allocated()
-    out = orig_capture(self, si, tokens)
-    after = torch.cuda.memory_allocated()
-    say(f"capture stage {si}: +{(after - before) / G:.3f} GiB -> {after / G:.2f}")
-    return out
-sr.CUDAGraphStageRunner._capture = capture
+from diffusers_hart.pipelines.hart.stage_runner import CUDAGraphStageRunner  # noqa: E402
 
-def embeds(B):
-    pipe.text_encoder.to("cuda")
-    e = pipe.encode_prompt([bg.PROMPT] * B, device="cuda")
-    pipe.text_encoder.to("cpu"); torch.cuda.empty_cache()
-    names = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
-    return dict(zip(names, e))
+GIB = 2**30
+# the frames that name an allocation site: this package's, the benchmark's and transformers' (the text encoder)
+SITE_PATHS = ("diffusers_hart", "bench", "transformers/")
 
-decode = pipe.vae.decode
-state = {"snap": None}
-def decode_probe(*a, **k):
-    if state["snap"] is None:
-        torch.cuda.synchronize()
-        state["snap"] = torch.cuda.memory._snapshot()
-        state["held"] = torch.cuda.memory_allocated()
-    return decode(*a, **k)
-pipe.vae.decode = decode_probe
 
-def report(tag):
-    snap = state["snap"]
-    say(f"== {tag}: allocated at decode start {state['held']/G:.2f} GiB")
-    pools = collections.Counter(); pool_total = collections.Counter()
-    by_site = collections.Counter(); count = collections.Counter()
-    for seg in snap["segments"]:
-        pool = str(seg.get("segment_pool_id"))
-        pool_total[pool] += seg["total_size"]
-        for blk in seg["blocks"]:
-            if blk["state"] != "active_allocated":
-                continue
-            pools[pool] += blk["size"]
-            frames = [f for f in blk.get("frames", []) if "diffusers_hart" in f["filename"] or "bench" in f["filename"] or "transformers/" in f["filename"]]
-            site = " < ".join(f"{os.path.basename(f['filename'])}:{f['line']}:{f['name']}" for f in frames[:4]) or "?"
-            by_site[site] += blk["size"]; count[site] += 1
-    for pool in pools:
-        say(f"pool {pool}: active {pools[pool]/G:.2f} GiB of {pool_total[pool]/G:.2f} reserved")
-    for site, size in by_site.most_common(25):
-        say(f"{size/G:8.3f} GiB  x{count[site]:5d}  {site}")
+class Probe:
+    """Writes every line both to stdout and to the report file; snapshots the allocator at the first decode."""
 
-torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
-for graphs in (True, False):
-    pipe.disable_cuda_graphs(); gc.collect(); torch.cuda.empty_cache()
-    if graphs:
-        pipe.enable_cuda_graphs()
-    for B in (1, 16):
-        kw = embeds(B)
-        for it in range(2):
-            state["snap"] = None
-            torch.cuda.reset_peak_memory_stats()
-            pipe(generator=torch.Generator().manual_seed(it), guidance_scale=4.5, more_smooth=True, output_type="pt", max_batch_size=8, **kw)
-            torch.cuda.synchronize()
-            say(f"graphs={graphs} B={B} call {it}: peak {torch.cuda.max_memory_allocated()/G:.2f} GiB, after {torch.cuda.memory_allocated()/G:.2f}")
-            if it == 1:
-                report(f"graphs={graphs} B={B}")
-torch.cuda.memory._record_memory_history(enabled=None)
+    def __init__(self, report_path: str):
+        self.report = open(report_path, "w")
+        self.snapshot, self.held = None, 0
+
+    def say(self, *values) -> None:
+        print(*values, file=self.report, flush=True)
+        print(*values, flush=True)
+
+    def log_captures(self) -> None:
+        """Log what each stage's CUDA-graph capture leaves allocated."""
+        capture = CUDAGraphStageRunner._capture
+
+        def logged_capture(runner, stage_index, latent_tokens):
+            before = torch.cuda.memory_allocated()
+            captured = capture(runner, stage_index, latent_tokens)
+            after = torch.cuda.memory_allocated()
+            self.say(f"capture stage {stage_index}: +{(after - before) / GIB:.3f} GiB -> {after / GIB:.2f}")
+            return captured
+
+        CUDAGraphStageRunner._capture = logged_capture
+
+    def snapshot_at_first_decode(self, vae) -> None:
+        decode = vae.decode
+
+        def probed_decode(*args, **kwargs):
+            if self.snapshot is None:
+                torch.cuda.synchronize()
+                self.snapshot = torch.cuda.memory._snapshot()
+                self.held = torch.cuda.memory_allocated()
+            return decode(*args, **kwargs)
+
+        vae.decode = probed_decode
+
+    def write_report(self, tag: str) -> None:
+        """Active memory per allocator pool, then the 25 allocation sites holding the most."""
+        self.say(f"== {tag}: allocated at decode start {self.held / GIB:.2f} GiB")
+        active, reserved = collections.Counter(), collections.Counter()
+        by_site, blocks = collections.Counter(), collections.Counter()
+        for segment in self.snapshot["segments"]:
+            pool = str(segment.get("segment_pool_id"))
+            reserved[pool] += segment["total_size"]
+            for block in segment["blocks"]:
+                if block["state"] != "active_allocated":
+                    continue
+                active[pool] += block["size"]
+                frames = [f for f in block.get("frames", []) if any(p in f["filename"] for p in SITE_PATHS)]
+                site = " < ".join(f"{os.path.basename(f['filename'])}:{f['line']}:{f['name']}" for f in frames[:4])
+                by_site[site or "?"] += block["size"]
+                blocks[site or "?"] += 1
+        for pool in active:
+            self.say(f"pool {pool}: active {active[pool] / GIB:.2f} GiB of {reserved[pool] / GIB:.2f} reserved")
+        for site, size in by_site.most_common(25):
+            self.say(f"{size / GIB:8.3f} GiB  x{blocks[site]:5d}  {site}")
+
+
+def main():
+    probe = Probe(os.path.join(os.environ["OUT"], "memory_probe.txt"))
+    torch.manual_seed(0)
+    pipe = bench_generate.release_sized_pipeline("adaln_single", torch.bfloat16, "cuda")
+    pipe.vae.enable_slicing()
+    probe.say("after build", torch.cuda.memory_allocated() / GIB)
+    probe.log_captures()
+    probe.snapshot_at_first_decode(pipe.vae)
+
+    torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
+    for graphs in (True, False):
+        pipe.disable_cuda_graphs()
+        gc.collect()
+        torch.cuda.empty_cache()
+        if graphs:
+            pipe.enable_cuda_graphs()
+        for batch_size in (1, 16):
+            embeds = bench_generate.encoded_prompts(pipe, batch_size)
+            torch.cuda.empty_cache()
+            for call in range(2):
+                probe.snapshot = None
+                torch.cuda.reset_peak_memory_stats()
+                pipe(
+                    generator=torch.Generator().manual_seed(call), guidance_scale=4.5, more_smooth=True,
+                    output_type="pt", max_batch_size=8, **embeds,
+                )  # fmt: skip
+                torch.cuda.synchronize()
+                probe.say(
+                    f"graphs={graphs} B={batch_size} call {call}: peak {torch.cuda.max_memory_allocated() / GIB:.2f} "
+                    f"GiB, after {torch.cuda.memory_allocated() / GIB:.2f}"
+                )
+                if call == 1:  # the second call: graphs captured, nothing left of the first call's set-up
+                    probe.write_report(f"graphs={graphs} B={batch_size}")
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+
+if __name__ == "__main__":
+    main()
