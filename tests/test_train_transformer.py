@@ -204,6 +204,49 @@ def test_lora_trains_and_saves_only_the_adapter(workspace, tmp_path):
     assert image.size == (32, 32)
 
 
+def test_text_encoder_trains_with_the_transformer_and_saves_with_the_pipeline(workspace, tmp_path):
+    output_dir = tmp_path / "joint"
+    argv = _argv(workspace, output_dir, train_text_encoder=True, text_encoder_learning_rate=5e-3, max_train_steps=3)
+    assert cli_main(argv) == 0
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    losses = _losses(output_dir)
+    assert len(losses) == 3 and all(record["loss"] == record["loss"] for record in losses)  # finite, no NaN
+    start = HARTPipeline.from_pretrained(workspace / "pipe")
+    trained = HARTPipeline.from_pretrained(output_dir)
+    start_weights, trained_weights = start.text_encoder.state_dict(), trained.text_encoder.state_dict()
+    assert trained_weights.keys() == start_weights.keys()
+    changed = [name for name in start_weights if not torch.equal(start_weights[name], trained_weights[name])]
+    assert len(changed) == len(start_weights)  # every weight trained, and saved with the pipeline
+    # EMA follows the text encoder too: its checkpointed shadow holds the transformer's and the encoder's weights
+    ema_state = torch.load(
+        latest_checkpoint(output_dir) / "custom_checkpoint_0.pkl", weights_only=False
+    )
+    num_trained = len(list(start.transformer.parameters())) + len(list(start.text_encoder.parameters()))
+    assert len(ema_state["shadow_params"]) == num_trained
+    image = trained("a red circle", generator=torch.Generator().manual_seed(0), guidance_scale=1.0).images[0]
+    assert image.size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"train_text_encoder": True, "cache_text_context": "CACHE"}, "it cannot be cached: drop --cache_text_context"),
+        ({"train_text_encoder": True, "lora_rank": 4}, "it does not combine with --lora_rank"),
+        ({"text_encoder_learning_rate": 1e-4}, "--text_encoder_learning_rate needs --train_text_encoder"),
+    ],
+)
+def test_text_encoder_training_refuses_what_it_cannot_combine_with(flags, message, workspace, tmp_path, capsys):
+    flags = {key: str(tmp_path / "cache") if value == "CACHE" else value for key, value in flags.items()}
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(_argv(workspace, tmp_path / "out", **flags))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("hart-train-transformer: error:") and len(error.strip().splitlines()) == 1
+    assert message in error
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
 def test_fresh_start_refuses_an_output_dir_with_checkpoints(uninterrupted, workspace, capsys):
     output_dir, _ = uninterrupted
     with pytest.raises(SystemExit) as exit_info:

@@ -13,7 +13,13 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from diffusers_hart import HARTAutoEncoder, HARTResidualDiffusionScheduler, HARTTransformer2DModel
 from diffusers_hart.pipelines.hart.tiny import tiny_random_pipeline
-from diffusers_hart.training import HARTTransformerTrainingModule, sample_cond_drop, sample_mask_ratio, transformer_step
+from diffusers_hart.training import (
+    HARTTextEncoderTrainingModule,
+    HARTTransformerTrainingModule,
+    sample_cond_drop,
+    sample_mask_ratio,
+    transformer_step,
+)
 
 PATCH_NUMS = (1, 2, 4, 8)
 PROMPTS = ["a red square", "", "two blue dots", "a cat"]
@@ -49,6 +55,18 @@ def tiny_batch():
     """(pixel_values, prompt_embeds, prompt_attention_mask) of four images, the prompts encoded by the tiny pipeline
     (padded, one of them empty), as a trainer gets them."""
     return tuple(t.clone() for t in _cached_batch())
+
+
+def tiny_text_encoder_training_module(seed: int = 0) -> HARTTextEncoderTrainingModule:
+    """`tiny_training_module` with the tiny pipeline's text encoder trained along."""
+    text_encoder = tiny_random_pipeline(context_length=16).text_encoder.requires_grad_(True).train()
+    return HARTTextEncoderTrainingModule(tiny_training_module(seed), text_encoder)
+
+
+def tiny_text_batch():
+    """(pixel_values, *text_encoder_inputs) of `tiny_batch`'s images and prompts, for a trained text encoder."""
+    pipe = tiny_random_pipeline(context_length=16)
+    return (tiny_batch()[0], *pipe.text_encoder_inputs(PROMPTS, max_length=16))
 
 
 def per_sample_generators(seeds):
@@ -129,6 +147,21 @@ def test_every_trainable_parameter_gets_a_gradient():
     # the frozen VAE stays in eval mode whatever the trainer's mode
     module.train()
     assert module.transformer.training and not any(m.training for m in module.vae.modules())
+
+
+def test_a_trained_text_encoder_gets_gradients_and_its_context_is_the_pipelines():
+    module = tiny_text_encoder_training_module()
+    pixels, *text_inputs = tiny_text_batch()
+    embeds, mask = tiny_batch()[1:]
+    assert torch.equal(text_inputs[2], mask)
+    generator = torch.Generator().manual_seed(0)
+    # the context the module encodes is what the pipeline's encode_prompt gives: the same loss as a frozen encoder's
+    frozen = tiny_training_module()(pixels, embeds, mask, generator=copy.deepcopy(generator), mask_ratio=0.7)
+    out = module(pixels, *text_inputs, generator=generator, mask_ratio=0.7)
+    torch.testing.assert_close(out.loss, frozen.loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    missing = [n for n, p in module.text_encoder.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient for {missing}"
 
 
 def test_configuration_errors_name_the_fix():

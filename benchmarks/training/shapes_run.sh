@@ -39,6 +39,9 @@ EVAL_PROMPTS=${EVAL_PROMPTS:-200}
 RESUME=${RESUME:-0}
 # TEXT_ENCODER=per-word writes the text encoder with zeroed attention outputs (shapes_model.shapes_text_encoder)
 TEXT_ENCODER=${TEXT_ENCODER:-contextual}
+# TRAIN_TEXT_ENCODER=1 trains the text encoder with the transformer (--train_text_encoder) instead of keeping it
+# frozen, its context cached
+TRAIN_TEXT_ENCODER=${TRAIN_TEXT_ENCODER:-0}
 # TOKENIZER_FROM=<folder> reuses a trained tokenizer (a HARTAutoEncoder folder) instead of training one
 TOKENIZER_FROM=${TOKENIZER_FROM:-}
 RESERVE=${RESERVE:-100}
@@ -111,6 +114,8 @@ fi
 if [ -n "${BUDGET:-}" ]; then
     TRANSFORMER_SECONDS=$(( BUDGET - RESERVE - ($(date +%s) - START) ))
 fi
+text_flags=(--cache_text_context "$WORK/context")
+[ "$TRAIN_TEXT_ENCODER" = 1 ] && text_flags=(--train_text_encoder)
 resume=()
 if [ "$RESUME" = 1 ] && [ -d "$WORK/transformer" ]; then
     resume=(--resume_from_checkpoint latest)
@@ -125,7 +130,7 @@ stamp "transformer: $TRANSFORMER_STEPS steps or $TRANSFORMER_SECONDS s ${resume[
     --transformer_config "$WORK/base/transformer_config.json" --system_prompt "$("$PYTHON" -c 'from diffusers_hart.training.shapes_model import SYSTEM_PROMPT; print(SYSTEM_PROMPT, end="")')" \
     --max_train_steps "$TRANSFORMER_STEPS" --max_train_seconds "$TRANSFORMER_SECONDS" --learning_rate 6e-4 \
     --lr_warmup_steps 100 \
-    --use_ema --ema_decay 0.999 --cache_text_context "$WORK/context" --validation_steps 1000000 "${resume[@]}"
+    --use_ema --ema_decay 0.999 "${text_flags[@]}" --validation_steps 1000000 "${resume[@]}"
 stamp "the shipped form: float16 weights (the CLI upcasts them on the CPU), evaluated as shipped"
 rm -rf "$WORK/shipped"
 "$PYTHON" - "$WORK/transformer" "$WORK/shipped" <<'EOF'

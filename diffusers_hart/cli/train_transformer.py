@@ -45,6 +45,11 @@ def build_parser():
     model.add_argument("--cache_text_context", default=None, metavar="DIR",
                        help="cache the frozen text encoder's output per caption in DIR, so later epochs skip it "
                        "(default: none, encode every time)")
+    model.add_argument("--train_text_encoder", action="store_true",
+                       help="train the text encoder with the transformer (float32 weights, saved with the pipeline) "
+                       "instead of keeping it frozen (default: off)")
+    model.add_argument("--text_encoder_learning_rate", type=float, default=None,
+                       help="learning rate of the text encoder with --train_text_encoder (default: --learning_rate)")
     model.add_argument("--lora_rank", type=positive_int, default=None,
                        help="train a LoRA adapter of this rank instead of the whole transformer; needs peft "
                        "(default: none)")

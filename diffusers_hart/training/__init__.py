@@ -23,9 +23,14 @@ from .losses import (
 from .checkpointing import resolve_resume_checkpoint, save_checkpoint
 from .tokenizer_step import HARTTokenizerTrainingModule
 from .trainer import Trainer
-from .transformer_step import HARTTransformerTrainingLosses, HARTTransformerTrainingModule
+from .transformer_step import (
+    HARTTextEncoderTrainingModule,
+    HARTTransformerTrainingLosses,
+    HARTTransformerTrainingModule,
+)
 
 __all__ = [
+    "HARTTextEncoderTrainingModule",
     "HARTTokenizerTrainingModule",
     "HARTTrainingDraws",
     "HARTTrainingOutput",

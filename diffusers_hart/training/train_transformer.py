@@ -3,7 +3,8 @@
 Components come from a HARTPipeline folder (`--pretrained_model_name_or_path`) or from parts: a text encoder folder
 (`--text_encoder_path`, with `tokenizer/` and `text_encoder/`), a tokenizer (`--vae_path`, e.g. the output of
 `hart-train-tokenizer`) and a fresh transformer (`--transformer_config`); the last two also replace the pipeline
-folder's. The text encoder and the tokenizer stay frozen; the loss is `HARTTransformerTrainingModule`'s. The result
+folder's. The tokenizer stays frozen, and so does the text encoder unless `--train_text_encoder` trains it with the
+transformer (`HARTTextEncoderTrainingModule`); the loss is `HARTTransformerTrainingModule`'s. The result
 is a HARTPipeline folder (`HARTPipeline.from_pretrained(output_dir)`, EMA weights when `--use_ema`), or with
 `--lora_rank` the LoRA adapter alone (`pytorch_lora_weights.safetensors`).
 """
@@ -20,7 +21,7 @@ from ..pipelines.hart import HARTPipeline
 from ..schedulers import HARTResidualDiffusionScheduler
 from .text_context import TextContextEncoder
 from .trainer import Objective, Trainer, build_optimizer, build_train_dataset, create_accelerator, weight_dtype
-from .transformer_step import HARTTransformerTrainingModule
+from .transformer_step import HARTTextEncoderTrainingModule, HARTTransformerTrainingModule
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,21 @@ def check_resolution(pipeline: HARTPipeline, resolution: Optional[int]) -> int:
     return side
 
 
+def check_text_encoder_training(args) -> None:
+    """What `--train_text_encoder` cannot be combined with, before any model is loaded."""
+    if not args.train_text_encoder:
+        if args.text_encoder_learning_rate is not None:
+            raise ValueError("--text_encoder_learning_rate needs --train_text_encoder")
+        return
+    if args.cache_text_context is not None:
+        raise ValueError(
+            "--train_text_encoder changes the text context at every step, so it cannot be cached: drop "
+            "--cache_text_context"
+        )
+    if args.lora_rank is not None:
+        raise ValueError("--train_text_encoder trains the whole text encoder; it does not combine with --lora_rank")
+
+
 def require_peft() -> None:
     """Fail before any model is loaded when `--lora_rank` cannot work."""
     try:
@@ -128,21 +144,29 @@ def add_lora(transformer: HARTTransformer2DModel, args) -> List[torch.nn.Paramet
 class PromptValidation:
     """Images of `--validation_prompts` (seeded by `--seed`) saved as `output_dir/validation/step-N/<i>.png`."""
 
-    def __init__(self, pipeline: HARTPipeline, prompts: List[str], seed: int, guidance_scale: float, output_dir):
+    def __init__(
+        self,
+        pipeline: HARTPipeline,
+        trained: torch.nn.Module,
+        prompts: List[str],
+        seed: int,
+        guidance_scale: float,
+        output_dir,
+    ):
         self.pipeline = pipeline
+        self.trained = trained
         self.prompts = prompts
         self.seed = seed
         self.guidance_scale = guidance_scale
         self.output_dir = Path(output_dir)
 
     def __call__(self, global_step: int) -> None:
-        transformer = self.pipeline.transformer
-        transformer.eval()
+        self.trained.eval()
         self.pipeline.set_progress_bar_config(disable=True)
         images = self.pipeline(
             self.prompts, guidance_scale=self.guidance_scale, generator=torch.Generator().manual_seed(self.seed)
         ).images
-        transformer.train()
+        self.trained.train()
         folder = self.output_dir / "validation" / f"step-{global_step}"
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
@@ -152,21 +176,28 @@ class PromptValidation:
 
 def main(args) -> HARTPipeline:
     """Train the transformer as `args` (the flags of `hart-train-transformer`) say; returns the pipeline."""
+    check_text_encoder_training(args)
     if args.lora_rank is not None:
         require_peft()
     accelerator = create_accelerator(args)
     pipeline = load_pipeline(args)
     args.resolution = check_resolution(pipeline, args.resolution)
-    transformer, vae = pipeline.transformer, pipeline.vae
+    transformer, vae, text_encoder = pipeline.transformer, pipeline.vae, pipeline.text_encoder
 
-    # 1. frozen text encoder on the training device (the VAE moves with the training module)
-    pipeline.text_encoder.requires_grad_(False).eval().to(accelerator.device)
+    # 1. the text encoder on the training device, frozen (its context optionally cached) or trained in float32 (a
+    # folder saved in half precision loads as such); the VAE moves with the training module
     vae.to(accelerator.device)
-    text_context = TextContextEncoder(
-        pipeline, accelerator.device, args.cache_text_context, autocast_dtype=weight_dtype(accelerator)
-    )
+    if args.train_text_encoder:
+        text_encoder.requires_grad_(True).float().train().to(accelerator.device)
+        if args.gradient_checkpointing:
+            text_encoder.gradient_checkpointing_enable()
+    else:
+        text_encoder.requires_grad_(False).eval().to(accelerator.device)
+        text_context = TextContextEncoder(
+            pipeline, accelerator.device, args.cache_text_context, autocast_dtype=weight_dtype(accelerator)
+        )
 
-    # 2. what trains: the whole transformer, or a LoRA adapter
+    # 2. what trains: the whole transformer, or a LoRA adapter, and the text encoder if asked
     transformer.train()
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -182,15 +213,29 @@ def main(args) -> HARTPipeline:
         original_cond_drop=args.original_cond_drop,
         diffusion_loss_weight=args.diffusion_loss_weight,
     )
+    if args.train_text_encoder:
+        module = HARTTextEncoderTrainingModule(module, text_encoder)
+        text_encoder_learning_rate = args.text_encoder_learning_rate or args.learning_rate
+        parameters = [
+            {"params": parameters},
+            {"params": list(text_encoder.parameters()), "lr": text_encoder_learning_rate},
+        ]
+        context_length = transformer.config.context_length
 
-    def transformer_step(module, batch, global_step, outputs):
-        prompt_embeds, prompt_attention_mask = text_context(batch["texts"])
-        return module(batch["pixel_values"], prompt_embeds, prompt_attention_mask)
+        def transformer_step(module, batch, global_step, outputs):
+            inputs = pipeline.text_encoder_inputs(batch["texts"], context_length, device=accelerator.device)
+            return module(batch["pixel_values"], *inputs)
+
+    else:
+
+        def transformer_step(module, batch, global_step, outputs):
+            prompt_embeds, prompt_attention_mask = text_context(batch["texts"])
+            return module(batch["pixel_values"], prompt_embeds, prompt_attention_mask)
 
     validate = None
     if args.validation_prompts:
         validate = PromptValidation(
-            pipeline, args.validation_prompts, args.seed, args.validation_guidance_scale, args.output_dir
+            pipeline, module, args.validation_prompts, args.seed, args.validation_guidance_scale, args.output_dir
         )
 
     def save_final():
@@ -206,7 +251,7 @@ def main(args) -> HARTPipeline:
         accelerator,
         [Objective(module, build_optimizer(parameters, args), transformer_step)],
         build_train_dataset(args, captions_required=True),
-        trained_model=transformer,
+        trained_model=module,
         validate=validate,
         save_final=save_final,
     )

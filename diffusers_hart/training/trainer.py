@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from accelerate import Accelerator
@@ -148,7 +148,11 @@ def _trackers(report_to: str) -> Optional[List[str]]:
     return [report_to]
 
 
-def build_optimizer(parameters: Sequence[torch.nn.Parameter], args, learning_rate: Optional[float] = None):
+def build_optimizer(
+    parameters: Sequence[Union[torch.nn.Parameter, Dict[str, Any]]], args, learning_rate: Optional[float] = None
+):
+    """AdamW over `parameters` (tensors, or param groups whose own "lr" overrides the default) with the flags'
+    betas, weight decay and epsilon."""
     return torch.optim.AdamW(
         parameters,
         lr=args.learning_rate if learning_rate is None else learning_rate,
@@ -197,8 +201,8 @@ class Trainer:
         accelerator: From `create_accelerator(args)`.
         objectives: What to optimize; the first one is the main one (its lr schedule, its model's EMA).
         dataset: Items for `collate_image_text`.
-        trained_model: The model of the first objective whose trainable parameters EMA follows and the final save
-            writes (the unwrapped transformer or VAE).
+        trained_model: The unwrapped module of the first objective, or the model in it, whose trainable parameters
+            EMA follows (the final save writes them with their EMA weights).
         validate: `validate(global_step)` called on the main process every `--validation_steps` and at the end,
             with EMA weights in place; returns scalars to log, or None.
         save_final: `save_final()` called on the main process at the end, with EMA weights in place.

@@ -19,7 +19,7 @@ import torch.nn as nn
 from diffusers.utils import BaseOutput
 
 from ..models import HARTAutoEncoder, HARTTransformer2DModel
-from ..pipelines.hart.pipeline_hart import text_position_ids
+from ..pipelines.hart.pipeline_hart import TextEncoderInputs, context_from_text_encoder, text_position_ids
 from ..pipelines.hart.sampling import GeneratorArg
 from ..schedulers import HARTResidualDiffusionScheduler
 from .losses import (
@@ -207,3 +207,35 @@ class HARTTransformerTrainingModule(nn.Module):
             diffusion_loss=out.diffusion_loss,
             token_accuracy=token_accuracy,
         )
+
+
+class HARTTextEncoderTrainingModule(nn.Module):
+    r"""
+    The transformer's training step with the text encoder trained along with it: the prompts are encoded inside
+    `forward`, so the wrapper (DDP) reduces the text encoder's gradients with the transformer's. Wrap this module as
+    a whole.
+
+    Args:
+        step ([`HARTTransformerTrainingModule`]): The transformer's step, which receives the context.
+        text_encoder (`transformers.PreTrainedModel`): The text encoder to train.
+    """
+
+    def __init__(self, step: HARTTransformerTrainingModule, text_encoder: nn.Module):
+        super().__init__()
+        self.step = step
+        self.text_encoder = text_encoder
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        text_input_ids: torch.LongTensor,
+        text_attention_mask: torch.BoolTensor,
+        prompt_attention_mask: torch.BoolTensor,
+        generator: GeneratorArg = None,
+        mask_ratio: Optional[float] = None,
+    ) -> HARTTransformerTrainingLosses:
+        """The three text tensors are `HARTPipeline.text_encoder_inputs(...)`'s fields, in order; the rest is
+        `HARTTransformerTrainingModule.forward`'s."""
+        inputs = TextEncoderInputs(text_input_ids, text_attention_mask, prompt_attention_mask)
+        prompt_embeds = context_from_text_encoder(self.text_encoder, inputs)
+        return self.step(pixel_values, prompt_embeds, prompt_attention_mask, generator, mask_ratio)

@@ -4,7 +4,7 @@ import copy
 import itertools
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,23 @@ TRUNCATION_QUOTE_CHARS = 200
 def text_position_ids(attention_mask_BL: torch.Tensor) -> torch.LongTensor:
     """Text RoPE positions `cumsum(mask) - 1`: 0..n-1, then n-1 on pads (an all-pad prompt gets -1 everywhere)."""
     return attention_mask_BL.long().cumsum(dim=1) - 1
+
+
+class TextEncoderInputs(NamedTuple):
+    """A tokenized batch of prompts: `input_ids` and `attention_mask` (B, S) of the system prompt followed by the
+    prompt, which the text encoder reads, and `prompt_attention_mask` (B, L), the prompt's own non-pad tokens: the
+    context keeps the encoder's last L states."""
+
+    input_ids: torch.LongTensor
+    attention_mask: torch.BoolTensor
+    prompt_attention_mask: torch.BoolTensor
+
+
+def context_from_text_encoder(text_encoder: PreTrainedModel, inputs: TextEncoderInputs) -> torch.Tensor:
+    """The context (B, L, D), float32: the text encoder's last hidden states of the prompt's tokens."""
+    hidden = text_encoder(inputs.input_ids, attention_mask=inputs.attention_mask.long(), output_hidden_states=True)
+    num_prompt_tokens = inputs.prompt_attention_mask.shape[1]
+    return hidden.hidden_states[-1][:, inputs.input_ids.shape[1] - num_prompt_tokens :].float()
 
 
 def _has_offload_hooks(module: torch.nn.Module) -> bool:
@@ -228,7 +245,11 @@ class HARTPipeline(DiffusionPipeline):
             )
         return max_sequence_length
 
-    def _encode_texts(self, prompts: List[str], max_length: int, use_system_prompt: bool, device):
+    def text_encoder_inputs(
+        self, prompts: List[str], max_length: int, use_system_prompt: bool = True, device=None
+    ) -> TextEncoderInputs:
+        """Tokenize prompts as `encode_prompt` does (system prompt first, padding, truncation with a warning); a
+        trainer that trains the text encoder runs `context_from_text_encoder(text_encoder, inputs)` on them with gradients."""
         input_ids = self._tokenize(prompts, max_length, "max_length")
         untruncated = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
         if untruncated.shape[-1] > max_length:
@@ -247,13 +268,15 @@ class HARTPipeline(DiffusionPipeline):
             system_ids = system_ids.expand(input_ids.shape[0], -1)
             text_ids = torch.cat([system_ids, input_ids], dim=1)
             text_mask = torch.cat([torch.ones_like(system_ids, dtype=torch.bool), attention_mask], dim=1)
+        return TextEncoderInputs(text_ids, text_mask, attention_mask)
+
+    def _encode_texts(self, prompts: List[str], max_length: int, use_system_prompt: bool, device):
+        inputs = self.text_encoder_inputs(prompts, max_length, use_system_prompt, device)
         # HART's text encoder is frozen. Outside `__call__` (a user's own `encode_prompt` call) grad mode may be on,
         # and the returned context would keep the whole forward's activations alive through its autograd graph:
         # 30 GiB for 16 prompts at the release's size, held for as long as the user keeps the embeddings.
         with torch.no_grad():
-            hidden = self.text_encoder(text_ids, attention_mask=text_mask.long(), output_hidden_states=True)
-        hidden = hidden.hidden_states[-1]
-        return hidden[:, text_ids.shape[1] - input_ids.shape[1] :].float(), attention_mask
+            return context_from_text_encoder(self.text_encoder, inputs), inputs.prompt_attention_mask
 
     def encode_prompt(
         self,

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Variants of the shapes model trained side by side on one GPU, in one device call, so that their scores compare
+# under the same time, tokenizer and machine. Each variant is `name:VAR=value,VAR=value` of shapes_run.sh's settings
+# and runs shapes_run.sh with its own work folder; all start together and share the GPU and the CPUs.
+#
+#   VARIANTS="frozen: joint:TRAIN_TEXT_ENCODER=1" TOKENIZER_FROM=diffusers_hart/pretrained/shapes/vae BUDGET=540 \
+#       OUT=$OUT bash benchmarks/training/shapes_variants.sh
+#
+# Under $OUT: variants.tar (each variant's shapes.log, shapes-logs.tar and samples.png), summary.txt (each one's
+# held-out score), and the model parts of the variant that scored best (a device call returns at most 8 files).
+set -u
+OUT=${OUT:-shapes-variants-out}
+VARIANTS=${VARIANTS:-"frozen: joint:TRAIN_TEXT_ENCODER=1"}
+export TOKENIZER_FROM=${TOKENIZER_FROM:-} BUDGET=${BUDGET:-540} WORKERS=${WORKERS:-3} PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT/variants"
+for variant in $VARIANTS; do
+    name=${variant%%:*}
+    settings=${variant#*:}
+    mkdir -p "$OUT/variants/$name"
+    (
+        IFS=, && for setting in $settings; do export "${setting?}"; done
+        OUT="$OUT/variants/$name" WORK="/tmp/hart-shapes-$name" bash benchmarks/training/shapes_run.sh 2>&1 \
+            | tr '\r' '\n' | grep -v -E "it/s(, [^]]*)?\]$" > "$OUT/variants/$name/shapes.log"
+    ) &
+done
+wait
+best="" best_score=-1
+for variant in $VARIANTS; do
+    name=${variant%%:*}
+    score=$(tar -xOf "$OUT/variants/$name/shapes-logs.tar" eval/scores.json 2>/dev/null \
+        | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["correct"])' 2>/dev/null || echo none)
+    echo "$name ($variant): held-out fully right $score" | tee -a "$OUT/summary.txt"
+    if [ "$score" != none ] && "$PYTHON" -c "import sys; sys.exit(not $score > $best_score)"; then
+        best=$name best_score=$score
+    fi
+done
+echo "best: ${best:-none}" | tee -a "$OUT/summary.txt"
+[ -n "$best" ] && mv "$OUT/variants/$best"/shapes-model.tar.part-* "$OUT/"
+rm -f "$OUT"/variants/*/shapes-model.tar.part-*
+tar -cf "$OUT/variants.tar" -C "$OUT" variants && rm -rf "$OUT/variants"
