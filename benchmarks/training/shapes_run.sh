@@ -12,7 +12,8 @@
 #
 # BUDGET=<seconds> fits the whole script in that time: the transformer trains until BUDGET - RESERVE seconds after
 # the start. RESUME=1 keeps $WORK's data and tokenizer and resumes the transformer from its latest checkpoint (a
-# time-limited training stops with a checkpoint), to train longer in a second call on the same machine.
+# time-limited training stops with a checkpoint), to train longer in a second call on the same machine; it stops
+# with an error where $WORK holds no earlier run (a device call that landed on a fresh machine).
 set -euo pipefail
 OUT=${OUT:-shapes-out}
 WORK=${WORK:-/tmp/hart-shapes}
@@ -20,7 +21,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     SHARDS=2 CODEC_EVAL_SHARDS=1 IMAGES_PER_SHARD=40 TOKENIZER_STEPS=4 TRANSFORMER_STEPS=4 BATCH=8 TRANSFORMER_BATCH=8 PRECISION=no WORKERS=0
     EVAL_PROMPTS=4
 fi
-SHARDS=${SHARDS:-8}
+SHARDS=${SHARDS:-32}
 IMAGES_PER_SHARD=${IMAGES_PER_SHARD:-1500}
 # The tokenizer is an image codec and reads no captions: it also trains on this many shards of the held-out
 # colour-shape pairs (0 reproduces the first run's tokenizer, which never saw them and reconstructs them badly:
@@ -39,9 +40,9 @@ EVAL_PROMPTS=${EVAL_PROMPTS:-200}
 RESUME=${RESUME:-0}
 # TEXT_ENCODER=per-word writes the text encoder with zeroed attention outputs (shapes_model.shapes_text_encoder)
 TEXT_ENCODER=${TEXT_ENCODER:-contextual}
-# TRAIN_TEXT_ENCODER=1 trains the text encoder with the transformer (--train_text_encoder) instead of keeping it
-# frozen, its context cached
-TRAIN_TEXT_ENCODER=${TRAIN_TEXT_ENCODER:-0}
+# TRAIN_TEXT_ENCODER=1 (the packaged model's recipe) trains the text encoder with the transformer
+# (--train_text_encoder); 0 keeps it frozen and caches its context
+TRAIN_TEXT_ENCODER=${TRAIN_TEXT_ENCODER:-1}
 # TOKENIZER_FROM=<folder> reuses a trained tokenizer (a HARTAutoEncoder folder) instead of training one
 TOKENIZER_FROM=${TOKENIZER_FROM:-}
 RESERVE=${RESERVE:-100}
@@ -100,7 +101,12 @@ rm -rf "$WORK/tokenizer"
     --learning_rate 4e-4 --lr_warmup_steps 50 --num_validation_images 64 --validation_steps 1000000
 }
 
-if [ "$RESUME" = 1 ] && [ -f "$WORK/tokenizer/diffusion_pytorch_model.safetensors" ]; then
+if [ "$RESUME" = 1 ]; then
+    # a device call may land on a fresh machine: starting over there would spend the call retraining from nothing
+    if [ ! -f "$WORK/tokenizer/diffusion_pytorch_model.safetensors" ] || [ ! -d "$WORK/transformer" ]; then
+        echo "RESUME=1 but $WORK holds no earlier run (tokenizer/ and transformer/): nothing to resume" >&2
+        exit 2
+    fi
     stamp "resuming: data and tokenizer kept from the previous run"
 else
     make_data
@@ -117,7 +123,7 @@ fi
 text_flags=(--cache_text_context "$WORK/context")
 [ "$TRAIN_TEXT_ENCODER" = 1 ] && text_flags=(--train_text_encoder)
 resume=()
-if [ "$RESUME" = 1 ] && [ -d "$WORK/transformer" ]; then
+if [ "$RESUME" = 1 ]; then
     resume=(--resume_from_checkpoint latest)
 else
     rm -rf "$WORK/transformer"
