@@ -101,6 +101,7 @@ rm -rf "$WORK/tokenizer"
     --learning_rate 4e-4 --lr_warmup_steps 50 --num_validation_images 64 --validation_steps 1000000
 }
 
+resume=()
 if [ "$RESUME" = 1 ]; then
     # a device call may land on a fresh machine: starting over there would spend the call retraining from nothing
     if [ ! -f "$WORK/tokenizer/diffusion_pytorch_model.safetensors" ] || [ ! -d "$WORK/transformer" ]; then
@@ -108,7 +109,9 @@ if [ "$RESUME" = 1 ]; then
         exit 2
     fi
     stamp "resuming: data and tokenizer kept from the previous run"
+    resume=(--resume_from_checkpoint latest)
 else
+    rm -rf "$WORK/transformer"
     make_data
     if [ -n "$TOKENIZER_FROM" ]; then
         stamp "tokenizer: reused from $TOKENIZER_FROM"
@@ -122,12 +125,6 @@ if [ -n "${BUDGET:-}" ]; then
 fi
 text_flags=(--cache_text_context "$WORK/context")
 [ "$TRAIN_TEXT_ENCODER" = 1 ] && text_flags=(--train_text_encoder)
-resume=()
-if [ "$RESUME" = 1 ]; then
-    resume=(--resume_from_checkpoint latest)
-else
-    rm -rf "$WORK/transformer"
-fi
 stamp "transformer: $TRANSFORMER_STEPS steps or $TRANSFORMER_SECONDS s ${resume[*]}"
 "$PYTHON" -m diffusers_hart.cli.train_transformer "${common[@]}" --train_data_dir "$WORK/train" \
     --output_dir "$WORK/transformer" \

@@ -3,14 +3,14 @@
 # under the same time, tokenizer and machine. Each variant is `name:VAR=value,VAR=value` of shapes_run.sh's settings
 # and runs shapes_run.sh with its own work folder; all start together and share the GPU and the CPUs.
 #
-#   VARIANTS="frozen: joint:TRAIN_TEXT_ENCODER=1" TOKENIZER_FROM=diffusers_hart/pretrained/shapes/vae BUDGET=540 \
+#   VARIANTS="frozen:TRAIN_TEXT_ENCODER=0 joint:TRAIN_TEXT_ENCODER=1" TOKENIZER_FROM=diffusers_hart/pretrained/shapes/vae BUDGET=540 \
 #       OUT=$OUT bash benchmarks/training/shapes_variants.sh
 #
 # Under $OUT: variants.tar (each variant's shapes.log, shapes-logs.tar and samples.png), summary.txt (each one's
 # held-out score), and the model parts of the variant that scored best (a device call returns at most 8 files).
 set -u
 OUT=${OUT:-shapes-variants-out}
-VARIANTS=${VARIANTS:-"frozen: joint:TRAIN_TEXT_ENCODER=1"}
+VARIANTS=${VARIANTS:-"frozen:TRAIN_TEXT_ENCODER=0 joint:TRAIN_TEXT_ENCODER=1"}
 export TOKENIZER_FROM=${TOKENIZER_FROM:-} BUDGET=${BUDGET:-540} WORKERS=${WORKERS:-3} PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT/variants"
 for variant in $VARIANTS; do
