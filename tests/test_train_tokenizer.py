@@ -210,15 +210,17 @@ def test_max_train_seconds_stops_early_and_still_saves(tmp_path, monkeypatch):
             "--max_train_seconds", "150", "--checkpointing_steps", "100", "--report_to", "none"]  # fmt: skip
     assert cli_main(argv) == 0
     steps = [record["step"] for record in _read_jsonl(tmp_path / "out" / "logs" / "losses.jsonl")]
-    assert steps == [1, 2]  # the deadline (150 s) is read as passed at the check after step 2 (200 s)
+    # the deadline (150 s) is past when step 2's record is made (200 s), and that record is read after step 3 (a step
+    # record is read one step late, so that the host queues the next step while the device runs this one)
+    assert steps == [1, 2, 3]
     summary = json.loads((tmp_path / "out" / "logs" / "run_summary.json").read_text())
-    assert (summary["global_step"], summary["timed_steps"], summary["images_per_step"]) == (2, 1, 4)
-    assert summary["images_per_second"] == pytest.approx(4 / summary["timed_seconds"])
+    assert (summary["global_step"], summary["timed_steps"], summary["images_per_step"]) == (3, 2, 4)
+    assert summary["images_per_second"] == pytest.approx(2 * 4 / summary["timed_seconds"])
     assert HARTAutoEncoder.from_pretrained(tmp_path / "out").config.vocab_size == VAE_CONFIG["vocab_size"]
     # the stop also checkpoints, so a time-boxed run (a 10-minute device call) continues where it stopped
-    assert [step for step, _ in complete_checkpoints(tmp_path / "out")] == [2]
+    assert [step for step, _ in complete_checkpoints(tmp_path / "out")] == [3]
     clock = iter(range(0, 10_000, 100))
     assert cli_main([*argv, "--resume_from_checkpoint", "latest"]) == 0
     steps = [record["step"] for record in _read_jsonl(tmp_path / "out" / "logs" / "losses.jsonl")]
-    assert steps == [1, 2, 3, 4]
-    assert [step for step, _ in complete_checkpoints(tmp_path / "out")] == [2, 4]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in complete_checkpoints(tmp_path / "out")] == [3, 6]

@@ -16,6 +16,7 @@ from diffusers_hart.pipelines.hart.tiny import tiny_random_pipeline
 from diffusers_hart.training import (
     HARTTextEncoderTrainingModule,
     HARTTransformerTrainingModule,
+    TrainingRandomness,
     sample_cond_drop,
     sample_mask_ratio,
     transformer_step,
@@ -349,3 +350,33 @@ def test_training_module_draws_the_stated_cond_drop_rate(monkeypatch):
     module.original_cond_drop = True
     module(*tiny_batch(), generator=torch.Generator().manual_seed(0))
     assert rates == [False, True]
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_steps_device_work_does_not_grow_with_the_batch():
+    """One generator: the step runs the same ops for 2 images as for 4 (launches are host time; a randperm per row
+    made the step's host cost grow with the batch and bounded training on a GPU), and the last-scale orders are
+    permutations, different per row."""
+    module = tiny_training_module()
+    pixels, prompt_embeds, prompt_attention_mask = tiny_batch()
+    counts = []
+    for size in (4, 2, 4):  # the first step builds what later steps reuse (the attention mask)
+        batch = pixels[:size], prompt_embeds[:size], prompt_attention_mask[:size]
+        module.zero_grad(set_to_none=True)
+        with _OpCounter() as counter:
+            module(*batch, generator=torch.Generator().manual_seed(0), mask_ratio=0.6).loss.backward()
+        counts.append(counter.ops)
+    assert counts[1] == counts[2]
+
+    orders = TrainingRandomness(torch.Generator().manual_seed(0), 256, "cpu").permutations(64)
+    assert torch.equal(orders.sort(dim=1).values, torch.arange(64).expand(256, 64))
+    assert len({tuple(row) for row in orders.tolist()}) == 256

@@ -119,12 +119,19 @@ class TrainingRandomness:
         return draw(shape, self.generator, on).to(self.device)
 
     def permutations(self, num_tokens: int) -> torch.LongTensor:
-        """(B, num_tokens): a random permutation of `range(num_tokens)` per row, one row after the other."""
-        generators = self.generator if self.per_sample else [self.generator] * self.batch_size
-        rows = [
-            torch.randperm(num_tokens, generator=g, device=self.device if g is None else g.device) for g in generators
-        ]
-        return torch.stack(rows).to(self.device)
+        """(B, num_tokens): a random permutation of `range(num_tokens)` per row.
+
+        One generator sorts one (B, num_tokens) draw of random keys row by row: one draw and one sort for the batch.
+        (A `randperm` per row costs a handful of kernel launches and a sort each, which bounded the training step on
+        a GPU: `benchmarks/training/profile_transformer_step.py`.) Per-sample generators draw a `randperm` each.
+        """
+        if self.per_sample:
+            rows = [torch.randperm(num_tokens, generator=g, device=g.device) for g in self.generator]
+            return torch.stack(rows).to(self.device)
+        # float64 keys: a tie, which would favour one order of the tied tokens, is as good as impossible
+        return self._draw(
+            lambda shape, g, on: torch.rand(shape, generator=g, device=on, dtype=torch.float64), (num_tokens,), 0
+        ).argsort(dim=1)
 
     def standard_normal(self) -> torch.Tensor:
         """(B,) standard normal draws, one per sample."""

@@ -18,7 +18,9 @@ import torch
 
 from ..models import HARTAutoEncoder, HARTTransformer2DModel
 from ..pipelines.hart import HARTPipeline
+from ..pipelines.hart.pipeline_hart import tokenize_for_text_encoder
 from ..schedulers import HARTResidualDiffusionScheduler
+from .data import collate_image_text
 from .text_context import TextContextEncoder
 from .trainer import Objective, Trainer, build_optimizer, build_train_dataset, create_accelerator, weight_dtype
 from .transformer_step import HARTTextEncoderTrainingModule, HARTTransformerTrainingModule
@@ -141,6 +143,23 @@ def add_lora(transformer: HARTTransformer2DModel, args) -> List[torch.nn.Paramet
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
+class TextInputsCollate:
+    """`collate_image_text` plus `"text_inputs"`: the captions tokenized for a trained text encoder
+    (`HARTPipeline.text_encoder_inputs`), so that the loader's workers tokenize them, not the training loop."""
+
+    def __init__(self, tokenizer, system_prompt: str, context_length: int):
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.context_length = context_length
+
+    def __call__(self, items: List[dict]) -> dict:
+        batch = collate_image_text(items)
+        batch["text_inputs"] = tokenize_for_text_encoder(
+            self.tokenizer, batch["texts"], self.context_length, self.system_prompt
+        )
+        return batch
+
+
 class PromptValidation:
     """Images of `--validation_prompts` (seeded by `--seed`) saved as `output_dir/validation/step-N/<i>.png`."""
 
@@ -220,13 +239,14 @@ def main(args) -> HARTPipeline:
             {"params": parameters},
             {"params": list(text_encoder.parameters()), "lr": text_encoder_learning_rate},
         ]
-        context_length = transformer.config.context_length
+        collate_fn = TextInputsCollate(pipeline.tokenizer, pipeline.config.system_prompt, transformer.config.context_length)
 
         def transformer_step(module, batch, global_step, outputs):
-            inputs = pipeline.text_encoder_inputs(batch["texts"], context_length, device=accelerator.device)
-            return module(batch["pixel_values"], *inputs)
+            return module(batch["pixel_values"], *batch["text_inputs"])
 
     else:
+        collate_fn = collate_image_text
+
 
         def transformer_step(module, batch, global_step, outputs):
             prompt_embeds, prompt_attention_mask = text_context(batch["texts"])
@@ -254,6 +274,7 @@ def main(args) -> HARTPipeline:
         trained_model=module,
         validate=validate,
         save_final=save_final,
+        collate_fn=collate_fn,
     )
     trainer.train()
     return pipeline

@@ -25,7 +25,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
+)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -113,6 +119,8 @@ def create_accelerator(args) -> Accelerator:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
+        # batches come from pinned memory (the Trainer's loader pins them on a GPU): copied without waiting
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
         log_with=_trackers(args.report_to),
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
     )
@@ -206,6 +214,7 @@ class Trainer:
         validate: `validate(global_step)` called on the main process every `--validation_steps` and at the end,
             with EMA weights in place; returns scalars to log, or None.
         save_final: `save_final()` called on the main process at the end, with EMA weights in place.
+        collate_fn: Makes a batch of dataset items (default `collate_image_text`); it runs in the loader's workers.
     """
 
     def __init__(
@@ -217,6 +226,7 @@ class Trainer:
         trained_model: torch.nn.Module,
         validate: Optional[Callable[[int], Optional[Dict[str, float]]]] = None,
         save_final: Optional[Callable[[], None]] = None,
+        collate_fn: Callable[[List[Dict[str, Any]]], Dict[str, Any]] = collate_image_text,
     ):
         self.args = args
         self.accelerator = accelerator
@@ -237,8 +247,11 @@ class Trainer:
             dataset,
             batch_size=args.train_batch_size,
             sampler=self.sampler,
-            collate_fn=collate_image_text,
+            collate_fn=collate_fn,
             num_workers=args.dataloader_num_workers,
+            # workers kept from one epoch to the next rather than started anew for each
+            persistent_workers=args.dataloader_num_workers > 0,
+            pin_memory=accelerator.device.type == "cuda",
             generator=self.loader_generator,
         )
         self._prepare(dataloader)
@@ -347,15 +360,46 @@ class Trainer:
                     sums[prefix + key] = sums.get(prefix + key, 0.0) + value.detach().float()
         sums["_count"] = sums.get("_count", 0.0) + 1.0
 
-    def _step_record(self, sums: Dict[str, torch.Tensor]) -> Dict[str, float]:
-        """The mean of every scalar over the step's micro-batches and all processes, and the learning rate."""
+    def _queue_step_record(self, global_step: int, sums: Dict[str, torch.Tensor], deadline: Optional[float]) -> None:
+        """Start reading step `global_step`'s record (`_read_step_record` finishes it): the mean of every scalar over
+        the step's micro-batches and all processes, the learning rate, and whether any process is past `deadline`.
+
+        The values are copied to the host without waiting: the loop reads them one step later, so the device runs a
+        step while the host queues the next, where reading them at once would leave one of the two idle."""
         count = sums.pop("_count")
         keys = sorted(sums)
-        local = torch.stack([torch.as_tensor(sums[k], device=self.accelerator.device).float() for k in keys]) / count
-        means = self.accelerator.reduce(local, reduction="mean").tolist()
+        device = self.accelerator.device
+        late = float(deadline is not None and time.monotonic() > deadline)
+        values = [torch.as_tensor(sums[k], device=device).float() / count for k in keys]
+        local = torch.stack(values + [torch.full((), late, device=device)])
+        reduced = self.accelerator.reduce(local, reduction="mean")
+        if device.type == "cuda":
+            host = torch.empty(reduced.shape, dtype=reduced.dtype, pin_memory=True)
+            host.copy_(reduced, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            host, copied = reduced, None
+        lr = self.objectives[0].lr_scheduler.get_last_lr()[0]
+        self._pending_record = (global_step, keys, host, copied, lr)
+
+    def _read_step_record(self, progress) -> Optional[bool]:
+        """Log the queued step record; returns whether a process was past the deadline at that step (None: nothing was
+        queued). Every process reads the same reduced values, so all of them stop at the same step."""
+        if self._pending_record is None:
+            return None
+        global_step, keys, host, copied, lr = self._pending_record
+        self._pending_record = None
+        self._last_read_step = global_step
+        if copied is not None:
+            copied.synchronize()
+        *means, late = host.tolist()
         record = dict(zip(keys, means))
-        record["lr"] = self.objectives[0].lr_scheduler.get_last_lr()[0]
-        return record
+        record["lr"] = lr
+        self._log(LOSSES_FILE, record, global_step)
+        progress.update(global_step - progress.n)
+        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        return late > 0
 
     def _run_validation(self, global_step: int) -> None:
         if self.validate is None:
@@ -369,27 +413,24 @@ class Trainer:
                 self._log(VALIDATION_FILE, metrics, global_step)
         self.accelerator.wait_for_everyone()
 
-    def _end_step(self, global_step: int, sums: Dict[str, torch.Tensor], progress) -> bool:
-        """After optimizer step `global_step`: EMA update, log line, checkpoint and validation when due; returns
-        whether it validated."""
+    def _end_step(self, global_step: int, sums: Dict[str, torch.Tensor], deadline: Optional[float], progress):
+        """After optimizer step `global_step`: EMA update, the step's record queued and the previous one logged,
+        checkpoint and validation when due. Returns `(validated, out_of_time)`: whether it validated, and whether the
+        logged record was past `deadline`."""
         args = self.args
         if self.ema is not None:
             self.ema.step(self.ema_parameters)
-        record = self._step_record(sums)
-        self._log(LOSSES_FILE, record, global_step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-        if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(self.accelerator, self.output_dir, global_step, args.checkpoints_total_limit)
+        out_of_time = self._read_step_record(progress)
+        self._queue_step_record(global_step, sums, deadline)
+        checkpoint = global_step % args.checkpointing_steps == 0
         validated = bool(args.validation_steps) and global_step % args.validation_steps == 0
+        if checkpoint or validated:  # the step's own record first: a kill after the save must not lose it
+            out_of_time = self._read_step_record(progress)
+        if checkpoint:
+            save_checkpoint(self.accelerator, self.output_dir, global_step, args.checkpoints_total_limit)
         if validated:
             self._run_validation(global_step)
-        return validated
-
-    def _past(self, deadline: float) -> bool:
-        """Whether any process is past `deadline`: all of them stop at the same step (one small all-reduce)."""
-        late = torch.tensor(float(time.monotonic() > deadline), device=self.accelerator.device)
-        return bool(self.accelerator.reduce(late, reduction="max").item())
+        return validated, bool(out_of_time)
 
     def _write_summary(self, global_step: int, timed_from) -> None:
         """`logging_dir/run_summary.json`: training images per second over the steps after the first (wall clock,
@@ -430,7 +471,9 @@ class Trainer:
         validated_at = None
         deadline = None if args.max_train_seconds is None else time.monotonic() + args.max_train_seconds
         out_of_time = False
-        timed_from = None  # (step, time) at the end of the run's first step: warm-up and compilation stay out
+        self._pending_record = self._last_read_step = None
+        # (step, time) once the run's first step is done (its record read): warm-up and compilation stay out
+        timed_from = None
         for module in (o.module for o in self.objectives):
             module.train()
         for epoch in range(first_epoch, self.num_epochs):
@@ -449,14 +492,15 @@ class Trainer:
                 if not accelerator.sync_gradients:
                     continue
                 global_step += 1
-                if self._end_step(global_step, sums, progress):
+                validated, out_of_time = self._end_step(global_step, sums, deadline, progress)
+                if validated:
                     validated_at = global_step
                 sums = {}
-                out_of_time = deadline is not None and self._past(deadline)
-                if timed_from is None:
-                    timed_from = (global_step, time.monotonic())
+                if timed_from is None and self._last_read_step is not None:
+                    timed_from = (self._last_read_step, time.monotonic())
                 if global_step >= self.max_train_steps or out_of_time:
                     break
+        self._read_step_record(progress)
         progress.close()
         self._write_summary(global_step, timed_from)
         if out_of_time:

@@ -58,6 +58,34 @@ class TextEncoderInputs(NamedTuple):
     prompt_attention_mask: torch.BoolTensor
 
 
+def tokenize_for_text_encoder(
+    tokenizer: PreTrainedTokenizerBase, prompts: List[str], max_length: int, system_prompt: str = ""
+) -> TextEncoderInputs:
+    """`HARTPipeline.text_encoder_inputs` on the CPU, from the tokenizer and the system prompt alone (a data loader's
+    workers run it for a trainer; `HARTPipeline.text_encoder_inputs` has the details)."""
+
+    def tokenize(texts: List[str], padding: str) -> torch.LongTensor:
+        return tokenizer(texts, padding=padding, max_length=max_length, truncation=True, return_tensors="pt").input_ids
+
+    input_ids = tokenize(prompts, "max_length")
+    untruncated = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+    if untruncated.shape[-1] > max_length:
+        removed = " | ".join(tokenizer.batch_decode(untruncated[:, max_length:], skip_special_tokens=True))
+        if len(removed) > TRUNCATION_QUOTE_CHARS:
+            removed = removed[:TRUNCATION_QUOTE_CHARS] + "..."
+        logger.warning(
+            f"The following part of your input was truncated because the context holds only {max_length} "
+            f"tokens: {removed!r}"
+        )
+    attention_mask = input_ids != tokenizer.pad_token_id
+    if not system_prompt:
+        return TextEncoderInputs(input_ids, attention_mask, attention_mask)
+    system_ids = tokenize([system_prompt], "longest").expand(input_ids.shape[0], -1)
+    text_ids = torch.cat([system_ids, input_ids], dim=1)
+    text_mask = torch.cat([torch.ones_like(system_ids, dtype=torch.bool), attention_mask], dim=1)
+    return TextEncoderInputs(text_ids, text_mask, attention_mask)
+
+
 def context_from_text_encoder(text_encoder: PreTrainedModel, inputs: TextEncoderInputs) -> torch.Tensor:
     """The context (B, L, D), float32: the text encoder's last hidden states of the prompt's tokens."""
     hidden = text_encoder(inputs.input_ids, attention_mask=inputs.attention_mask.long(), output_hidden_states=True)
@@ -231,11 +259,6 @@ class HARTPipeline(DiffusionPipeline):
         return self._interrupt
 
     # ------------------------------------------------------------------ text
-    def _tokenize(self, texts: List[str], max_length: int, padding: str) -> torch.Tensor:
-        return self.tokenizer(
-            texts, padding=padding, max_length=max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-
     def _context_length(self, max_sequence_length: Optional[int]) -> int:
         if self.transformer is not None:
             return self.transformer.config.context_length
@@ -250,25 +273,9 @@ class HARTPipeline(DiffusionPipeline):
     ) -> TextEncoderInputs:
         """Tokenize prompts as `encode_prompt` does (system prompt first, padding, truncation with a warning); a
         trainer that trains the text encoder runs `context_from_text_encoder(text_encoder, inputs)` on them with gradients."""
-        input_ids = self._tokenize(prompts, max_length, "max_length")
-        untruncated = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-        if untruncated.shape[-1] > max_length:
-            removed = " | ".join(self.tokenizer.batch_decode(untruncated[:, max_length:], skip_special_tokens=True))
-            if len(removed) > TRUNCATION_QUOTE_CHARS:
-                removed = removed[:TRUNCATION_QUOTE_CHARS] + "..."
-            logger.warning(
-                f"The following part of your input was truncated because the context holds only {max_length} "
-                f"tokens: {removed!r}"
-            )
-        attention_mask = input_ids != self.tokenizer.pad_token_id
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        text_ids, text_mask = input_ids, attention_mask
-        if use_system_prompt and self.config.system_prompt:
-            system_ids = self._tokenize([self.config.system_prompt], max_length, "longest").to(device)
-            system_ids = system_ids.expand(input_ids.shape[0], -1)
-            text_ids = torch.cat([system_ids, input_ids], dim=1)
-            text_mask = torch.cat([torch.ones_like(system_ids, dtype=torch.bool), attention_mask], dim=1)
-        return TextEncoderInputs(text_ids, text_mask, attention_mask)
+        system_prompt = self.config.system_prompt if use_system_prompt else ""
+        inputs = tokenize_for_text_encoder(self.tokenizer, prompts, max_length, system_prompt)
+        return TextEncoderInputs(*(tensor.to(device) for tensor in inputs))
 
     def _encode_texts(self, prompts: List[str], max_length: int, use_system_prompt: bool, device):
         inputs = self.text_encoder_inputs(prompts, max_length, use_system_prompt, device)
