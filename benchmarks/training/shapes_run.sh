@@ -6,9 +6,16 @@
 #   OUT=shapes-out bash benchmarks/training/shapes_run.sh
 #
 # Writes under $OUT: the trained pipeline (float16 weights) as shapes-model.tar.part-* (split below 16 MB each) and
-# shapes-logs.tar (both trainings' logs/ with losses.jsonl and run_summary.json), as soon as training ends; then
-# adds scores.json of the held-out prompts to the tar, samples.png (a grid of them), and, when this call trained the
-# tokenizer, tokenizer_roundtrip.json.
+# shapes-logs.tar (both trainings' logs/ with losses.jsonl and run_summary.json, and validation_scores.jsonl), as soon
+# as training ends; then adds scores.json of the held-out prompts to the tar, samples.png (a grid of them), and, when
+# this call trained the tokenizer, tokenizer_roundtrip.json.
+#
+# VALIDATION_PROMPTS=<n> (default 100) held-out prompts, disjoint from the scored ones (evaluation_prompts' next n), are
+# generated with the EMA weights every VALIDATION_STEPS steps and judged: validation_scores.jsonl is the held-out score
+# along the training.
+#
+# DATA_ONLY=1 makes the data in $WORK and stops; DATA_FROM=<folder> links that data (an earlier $WORK's train/, codec/
+# and base/) instead of making it, so that variants side by side make it once.
 #
 # BUDGET=<seconds> fits the whole script in that time: the transformer trains until BUDGET - RESERVE seconds after
 # the start. RESUME=1 keeps $WORK's data and tokenizer and resumes the transformer from its latest checkpoint (a
@@ -19,7 +26,7 @@ OUT=${OUT:-shapes-out}
 WORK=${WORK:-/tmp/hart-shapes}
 if [ "${SMOKE:-0}" = 1 ]; then
     SHARDS=2 CODEC_EVAL_SHARDS=1 IMAGES_PER_SHARD=40 TOKENIZER_STEPS=4 TRANSFORMER_STEPS=4 BATCH=8 TRANSFORMER_BATCH=8 PRECISION=no WORKERS=0
-    EVAL_PROMPTS=4
+    EVAL_PROMPTS=4 VALIDATION_PROMPTS=3 VALIDATION_STEPS=2
 fi
 SHARDS=${SHARDS:-32}
 IMAGES_PER_SHARD=${IMAGES_PER_SHARD:-1500}
@@ -46,6 +53,12 @@ TRAIN_TEXT_ENCODER=${TRAIN_TEXT_ENCODER:-1}
 # TOKENIZER_FROM=<folder> reuses a trained tokenizer (a HARTAutoEncoder folder) instead of training one
 TOKENIZER_FROM=${TOKENIZER_FROM:-}
 RESERVE=${RESERVE:-100}
+VALIDATION_PROMPTS=${VALIDATION_PROMPTS:-100}
+VALIDATION_STEPS=${VALIDATION_STEPS:-500}
+# the transformer's --label_smoothing and --adam_weight_decay
+LABEL_SMOOTHING=${LABEL_SMOOTHING:-0}
+WEIGHT_DECAY=${WEIGHT_DECAY:-0.01}
+DATA_FROM=${DATA_FROM:-}
 mkdir -p "$OUT" "$WORK"
 START=$(date +%s)
 stamp() { echo "[$(date +%T)] $*"; }
@@ -112,7 +125,15 @@ if [ "$RESUME" = 1 ]; then
     resume=(--resume_from_checkpoint latest)
 else
     rm -rf "$WORK/transformer"
-    make_data
+    if [ -n "$DATA_FROM" ]; then
+        stamp "data: linked from $DATA_FROM"
+        for part in train codec base; do rm -rf "${WORK:?}/$part" && ln -s "$(realpath "$DATA_FROM/$part")" "$WORK/$part"; done
+    else
+        make_data
+    fi
+    if [ "${DATA_ONLY:-0}" = 1 ]; then
+        exit 0
+    fi
     if [ -n "$TOKENIZER_FROM" ]; then
         stamp "tokenizer: reused from $TOKENIZER_FROM"
         rm -rf "$WORK/tokenizer" && cp -r "$TOKENIZER_FROM" "$WORK/tokenizer" && mkdir -p "$WORK/tokenizer/logs"
@@ -125,6 +146,12 @@ if [ -n "${BUDGET:-}" ]; then
 fi
 text_flags=(--cache_text_context "$WORK/context")
 [ "$TRAIN_TEXT_ENCODER" = 1 ] && text_flags=(--train_text_encoder)
+validation_flags=(--validation_steps 1000000)
+if [ "$VALIDATION_PROMPTS" -gt 0 ]; then
+    mapfile -t validation_prompts < <("$PYTHON" -c "from diffusers_hart.training.shapes import evaluation_prompts as p
+print('\n'.join(p($EVAL_PROMPTS + $VALIDATION_PROMPTS)[$EVAL_PROMPTS:]))")
+    validation_flags=(--validation_steps "$VALIDATION_STEPS" --validation_prompts "${validation_prompts[@]}")
+fi
 stamp "transformer: $TRANSFORMER_STEPS steps or $TRANSFORMER_SECONDS s ${resume[*]}"
 "$PYTHON" -m diffusers_hart.cli.train_transformer "${common[@]}" --train_data_dir "$WORK/train" \
     --output_dir "$WORK/transformer" \
@@ -132,8 +159,26 @@ stamp "transformer: $TRANSFORMER_STEPS steps or $TRANSFORMER_SECONDS s ${resume[
     --text_encoder_path "$WORK/base" --vae_path "$WORK/tokenizer" \
     --transformer_config "$WORK/base/transformer_config.json" --system_prompt "$("$PYTHON" -c 'from diffusers_hart.training.shapes_model import SYSTEM_PROMPT; print(SYSTEM_PROMPT, end="")')" \
     --max_train_steps "$TRANSFORMER_STEPS" --max_train_seconds "$TRANSFORMER_SECONDS" --learning_rate 6e-4 \
-    --lr_warmup_steps 100 \
-    --use_ema --ema_decay 0.999 "${text_flags[@]}" --validation_steps 1000000 "${resume[@]}"
+    --lr_warmup_steps 100 --label_smoothing "$LABEL_SMOOTHING" --adam_weight_decay "$WEIGHT_DECAY" \
+    --use_ema --ema_decay 0.999 "${text_flags[@]}" "${validation_flags[@]}" "${resume[@]}"
+if [ "$VALIDATION_PROMPTS" -gt 0 ]; then
+    stamp "held-out score of every validation"
+    "$PYTHON" - "$WORK/transformer" "${validation_prompts[@]}" <<'EOF'
+import json, sys
+from pathlib import Path
+from diffusers_hart.training.shapes import evaluate_folder
+output, prompts = Path(sys.argv[1]), sys.argv[2:]
+folders = sorted((output / "validation").glob("step-*"), key=lambda folder: int(folder.name.split("-")[1]))
+with open(output / "logs" / "validation_scores.jsonl", "w") as log:
+    for folder in folders:
+        (folder / "metadata.jsonl").write_text(
+            "".join(json.dumps({"file_name": f"{i:02d}.png", "text": text}) + "\n" for i, text in enumerate(prompts))
+        )
+        summary, _ = evaluate_folder(folder)
+        log.write(json.dumps({"step": int(folder.name.split("-")[1]), **summary}) + "\n")
+        print(folder.name, summary)
+EOF
+fi
 stamp "the shipped form: float16 weights (the CLI upcasts them on the CPU), evaluated as shipped"
 rm -rf "$WORK/shipped"
 "$PYTHON" - "$WORK/transformer" "$WORK/shipped" <<'EOF'
