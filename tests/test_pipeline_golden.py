@@ -12,6 +12,7 @@ from conftest import CASES
 import diffusers_hart.pipelines.hart.pipeline_hart as pipeline_module
 import diffusers_hart.pipelines.hart.sampling as sampling_module
 from diffusers_hart.conversion import from_original
+from diffusers_hart.pipelines.hart.pipeline_hart import tokenize_for_text_encoder
 from diffusers_hart.pipelines.hart.sampling import RandomStreams
 
 
@@ -69,9 +70,12 @@ def test_system_prompt_is_the_originals(case_pipe, golden):
 def test_text_encoding(case_pipe, golden):
     case, pipe = case_pipe
     meta, expected = golden.case(case), golden.tensors(case)
-    input_ids = pipe._tokenize(meta["prompts"], meta["max_token_length"], "max_length")
-    golden.assert_close("text.input_ids", input_ids, expected["text.input_ids"])
-    system_ids = pipe._tokenize([pipe.config.system_prompt], meta["max_token_length"], "longest")
+    prompt_ids = tokenize_for_text_encoder(pipe.tokenizer, meta["prompts"], meta["max_token_length"]).input_ids
+    golden.assert_close("text.input_ids", prompt_ids, expected["text.input_ids"])
+    with_system = tokenize_for_text_encoder(
+        pipe.tokenizer, meta["prompts"], meta["max_token_length"], pipe.config.system_prompt
+    ).input_ids
+    system_ids = with_system[:1, : with_system.shape[1] - prompt_ids.shape[1]]
     golden.assert_close("text.system_prompt_ids", system_ids, expected["text.system_prompt_ids"])
     context, mask, _, _ = pipe.encode_prompt(meta["prompts"], device="cpu")
     position_ids = pipeline_module.text_position_ids(mask)
