@@ -23,6 +23,7 @@ from diffusers_hart.models import HARTAutoEncoder
 from diffusers_hart.pipelines import HARTPipeline
 from diffusers_hart.pipelines.hart.tiny import tiny_random_pipeline
 from diffusers_hart.training.checkpointing import latest_checkpoint
+from diffusers_hart.training.data import read_metadata
 from diffusers_hart.training.shapes import write_dataset
 from diffusers_hart.training.text_context import TextContextEncoder
 
@@ -144,10 +145,12 @@ def test_text_context_cache_returns_the_encoder_output_and_follows_the_encoder(t
     assert other.num_encoded == 1 and other.cache_dir != cached.cache_dir
 
 
-def test_validation_images_are_saved(uninterrupted):
+def test_validation_images_are_saved_with_their_prompts(uninterrupted):
     output_dir, _ = uninterrupted
     for step in (4, 5):  # every 4 steps, and at the end
-        assert (output_dir / "validation" / f"step-{step}" / "00.png").is_file()
+        folder = output_dir / "validation" / f"step-{step}"
+        assert (folder / "00.png").is_file()
+        assert read_metadata(folder) == [("00.png", "a red circle")]  # an imagefolder, for hart-eval-shapes
 
 
 def test_output_loads_as_a_pipeline_and_generates(uninterrupted):

@@ -163,20 +163,17 @@ stamp "transformer: $TRANSFORMER_STEPS steps or $TRANSFORMER_SECONDS s ${resume[
     --use_ema --ema_decay 0.999 "${text_flags[@]}" "${validation_flags[@]}" "${resume[@]}"
 if [ "$VALIDATION_PROMPTS" -gt 0 ]; then
     stamp "held-out score of every validation"
-    "$PYTHON" - "$WORK/transformer" "${validation_prompts[@]}" <<'EOF'
+    "$PYTHON" - "$WORK/transformer" <<'EOF'
 import json, sys
 from pathlib import Path
 from diffusers_hart.training.shapes import evaluate_folder
-output, prompts = Path(sys.argv[1]), sys.argv[2:]
-folders = sorted((output / "validation").glob("step-*"), key=lambda folder: int(folder.name.split("-")[1]))
+output = Path(sys.argv[1])
+steps = sorted(int(folder.name.split("-")[1]) for folder in (output / "validation").glob("step-*"))
 with open(output / "logs" / "validation_scores.jsonl", "w") as log:
-    for folder in folders:
-        (folder / "metadata.jsonl").write_text(
-            "".join(json.dumps({"file_name": f"{i:02d}.png", "text": text}) + "\n" for i, text in enumerate(prompts))
-        )
-        summary, _ = evaluate_folder(folder)
-        log.write(json.dumps({"step": int(folder.name.split("-")[1]), **summary}) + "\n")
-        print(folder.name, summary)
+    for step in steps:  # each folder is an imagefolder: its images and their prompts
+        summary, _ = evaluate_folder(output / "validation" / f"step-{step}")
+        log.write(json.dumps({"step": step, **summary}) + "\n")
+        print(f"step {step}", summary)
 EOF
 fi
 stamp "the shipped form: float16 weights (the CLI upcasts them on the CPU), evaluated as shipped"

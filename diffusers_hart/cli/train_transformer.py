@@ -58,7 +58,7 @@ def build_parser():
                        help="comma-separated names of the Linear layers LoRA adapts (default: %(default)s)")
     model.add_argument("--validation_prompts", nargs="+", default=None,
                        help="prompts generated at each validation, saved under output_dir/validation/step-N "
-                       "(default: none)")
+                       "with a metadata.jsonl of their prompts (default: none)")
     model.add_argument("--validation_guidance_scale", type=float, default=4.5,
                        help="guidance scale of the validation images (default: %(default)s)")
     # fmt: on

@@ -215,6 +215,13 @@ def read_metadata(folder: Union[str, os.PathLike]) -> List[Tuple[str, str]]:
     return pairs
 
 
+def write_metadata(folder: Union[str, os.PathLike], pairs: Sequence[Tuple[str, str]]) -> None:
+    """Write `folder/metadata.jsonl`, one `{"file_name", "text"}` line per (file_name, text): what `read_metadata`
+    reads back."""
+    lines = [json.dumps({"file_name": file_name, "text": text}) + "\n" for file_name, text in pairs]
+    (Path(folder) / METADATA_FILE).write_text("".join(lines), encoding="utf-8")
+
+
 class ImageTextDataset(_ImageTextItems):
     """Image-text pairs from a `datasets.Dataset`-like object: `len()` and `dataset[i]` a dict whose
     `image_column` holds a PIL image or a path and whose `text_column` holds a str.

@@ -18,7 +18,6 @@ Everything here is numpy + PIL and deterministic given a seed.
 """
 
 import colorsys
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import METADATA_FILE, read_metadata
+from .data import METADATA_FILE, read_metadata, write_metadata
 
 # The vocabulary.
 # Hues at least 55 degrees apart (red 0, yellow 56, green 127, blue 229, purple 284) plus white, the only
@@ -266,13 +265,13 @@ def write_dataset(
         _remove_previous_dataset(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    lines = []
+    pairs = []
     for index in range(num_images):
         scene = sample_scene(rng, split)
         file_name = f"{index:06d}.png"
         render_scene(scene, size, rng).save(folder / file_name)
-        lines.append(json.dumps({"file_name": file_name, "text": scene.caption}) + "\n")
-    (folder / METADATA_FILE).write_text("".join(lines))
+        pairs.append((file_name, scene.caption))
+    write_metadata(folder, pairs)
 
 
 # The evaluator.

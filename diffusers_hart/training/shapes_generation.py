@@ -5,14 +5,13 @@ processes and the batch size. Each process writes its share of the PNGs; the mai
 once all are done, so the folder is an imagefolder that `evaluate_folder` (and `hart-eval-shapes`) reads.
 """
 
-import json
 from pathlib import Path
 from typing import Sequence, Union
 
 import torch
 from accelerate import PartialState
 
-from .data import METADATA_FILE
+from .data import write_metadata
 
 
 def _image_name(index: int) -> str:
@@ -51,7 +50,6 @@ def generate_folder(
                 image.save(folder / _image_name(index))
     state.wait_for_everyone()
     if state.is_main_process:
-        lines = [json.dumps({"file_name": _image_name(i), "text": prompts[i]}) + "\n" for i in indices]
-        (folder / METADATA_FILE).write_text("".join(lines))
+        write_metadata(folder, [(_image_name(i), prompts[i]) for i in indices])
     state.wait_for_everyone()
     return folder

@@ -20,7 +20,7 @@ from ..models import HARTAutoEncoder, HARTTransformer2DModel
 from ..pipelines.hart import HARTPipeline
 from ..pipelines.hart.pipeline_hart import tokenize_for_text_encoder
 from ..schedulers import HARTResidualDiffusionScheduler
-from .data import collate_image_text
+from .data import collate_image_text, write_metadata
 from .text_context import TextContextEncoder
 from .trainer import Objective, Trainer, build_optimizer, build_train_dataset, create_accelerator, weight_dtype
 from .transformer_step import HARTTextEncoderTrainingModule, HARTTransformerTrainingModule
@@ -161,7 +161,8 @@ class TextInputsCollate:
 
 
 class PromptValidation:
-    """Images of `--validation_prompts` (seeded by `--seed`) saved as `output_dir/validation/step-N/<i>.png`."""
+    """Images of `--validation_prompts` (seeded by `--seed`) saved as `output_dir/validation/step-N/<i>.png`, with
+    the prompts in that folder's `metadata.jsonl` (an imagefolder: `hart-eval-shapes` judges it as it is)."""
 
     def __init__(
         self,
@@ -188,8 +189,10 @@ class PromptValidation:
         self.trained.train()
         folder = self.output_dir / "validation" / f"step-{global_step}"
         folder.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(images):
-            image.save(folder / f"{i:02d}.png")
+        names = [f"{i:02d}.png" for i in range(len(images))]
+        for name, image in zip(names, images):
+            image.save(folder / name)
+        write_metadata(folder, list(zip(names, self.prompts)))
         logger.info(f"step {global_step}: {len(images)} validation image(s) in {folder}")
 
 
@@ -239,14 +242,15 @@ def main(args) -> HARTPipeline:
             {"params": parameters},
             {"params": list(text_encoder.parameters()), "lr": text_encoder_learning_rate},
         ]
-        collate_fn = TextInputsCollate(pipeline.tokenizer, pipeline.config.system_prompt, transformer.config.context_length)
+        collate_fn = TextInputsCollate(
+            pipeline.tokenizer, pipeline.config.system_prompt, transformer.config.context_length
+        )
 
         def transformer_step(module, batch, global_step, outputs):
             return module(batch["pixel_values"], *batch["text_inputs"])
 
     else:
         collate_fn = collate_image_text
-
 
         def transformer_step(module, batch, global_step, outputs):
             prompt_embeds, prompt_attention_mask = text_context(batch["texts"])
