@@ -69,16 +69,13 @@ common=(--resolution 64 --mixed_precision "$PRECISION"
 
 merge_shards() {  # one metadata.jsonl for the shard folders directly under $1
 "$PYTHON" - "$1" <<'EOF'
-import json, sys
+import sys
 from pathlib import Path
+from diffusers_hart.training.data import read_metadata, write_metadata
 root = Path(sys.argv[1])
-lines = []
-for shard in sorted(root.glob("*shard-*")):
-    for line in (shard / "metadata.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        lines.append(json.dumps({"file_name": f"{shard.name}/{record['file_name']}", "text": record["text"]}) + "\n")
-(root / "metadata.jsonl").write_text("".join(lines))
-print(f"{root}: {len(lines)} images")
+pairs = [(f"{shard.name}/{name}", text) for shard in sorted(root.glob("*shard-*")) for name, text in read_metadata(shard)]
+write_metadata(root, pairs)
+print(f"{root}: {len(pairs)} images")
 EOF
 }
 
