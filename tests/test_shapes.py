@@ -20,6 +20,7 @@ from diffusers_hart.cli.shapes import (
     main_make,
     main_sample,
 )
+from diffusers_hart.training.data import read_metadata
 from diffusers_hart.training.shapes import (
     COLOUR_NAMES,
     COLOURS,
@@ -33,6 +34,7 @@ from diffusers_hart.training.shapes import (
     judge_detection,
     judge_image,
     parse_caption,
+    partial_captions,
     render_scene,
     sample_scene,
     write_dataset,
@@ -284,6 +286,31 @@ def test_dataset_folder_is_an_imagefolder_and_deterministic(tmp_path):
     for name in ["metadata.jsonl"] + [line["file_name"] for line in lines]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert Image.open(tmp_path / "a" / "000000.png").size == (64, 64)
+
+
+def test_partial_captions_leave_out_one_attribute_and_keep_the_images(tmp_path):
+    captions = evaluation_prompts(300, split="train")
+    assert partial_captions(captions, 0.0) == captions
+    everywhere = partial_captions(captions, 1.0, seed=4)
+    assert everywhere == partial_captions(captions, 1.0, seed=4) != partial_captions(captions, 1.0, seed=5)
+    left_out = Counter()
+    for caption, partial in zip(captions, everywhere):
+        for full, clause in zip(caption.split(" and "), partial.split(" and ")):
+            _, colour, shape, position = full.split(" ", 3)
+            # every object loses exactly one of the two, and keeps its position
+            assert clause in (f"a {shape} {position}", f"a {colour} shape {position}"), (full, clause)
+            left_out["colour" if clause.startswith(f"a {shape}") else "shape"] += 1
+    assert 0.4 < left_out["colour"] / sum(left_out.values()) < 0.6
+    some = partial_captions(captions, 0.3)
+    changed = sum(full != partial for full, partial in zip(captions, some))
+    assert 0.3 < changed / len(captions) < 0.6  # one or two objects, each left partial with probability 0.3
+
+    write_dataset(tmp_path / "full", num_images=8, seed=3)
+    main_make(["--output", str(tmp_path / "partial"), "--num-images", "8", "--seed", "3", "--partial-captions", "1"])
+    full, partial = (read_metadata(tmp_path / name) for name in ("full", "partial"))
+    assert [text for _, text in partial] == partial_captions([text for _, text in full], 1.0, seed=3)
+    for file_name, _ in full:
+        assert (tmp_path / "full" / file_name).read_bytes() == (tmp_path / "partial" / file_name).read_bytes()
 
 
 def _one_line_error(capsys, main, argv) -> str:

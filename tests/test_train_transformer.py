@@ -89,7 +89,7 @@ def uninterrupted(workspace):
     counts the captions the text encoder encodes for training."""
     output_dir = workspace / "uninterrupted"
     config = workspace / "run.yaml"
-    flags = {**RUN_FLAGS, "validation_steps": 4, "validation_prompts": ["a red circle"]}
+    flags = {**RUN_FLAGS, "validation_steps": 4, "validation_prompts": ["a red circle"], "validation_save_pipeline": True}
     flags.update(cache_text_context=str(workspace / "cache"), train_data_dir=str(workspace / "data"))
     flags.update(pretrained_model_name_or_path=str(workspace / "pipe"), output_dir=str(output_dir))
     config.write_text(yaml.safe_dump(flags))
@@ -151,6 +151,19 @@ def test_validation_images_are_saved_with_their_prompts(uninterrupted):
         folder = output_dir / "validation" / f"step-{step}"
         assert (folder / "00.png").is_file()
         assert read_metadata(folder) == [("00.png", "a red circle")]  # an imagefolder, for hart-eval-shapes
+
+
+def test_validation_saves_the_model_it_validated(uninterrupted):
+    output_dir, _ = uninterrupted
+
+    def transformer_weights(folder):
+        return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+
+    final = transformer_weights(output_dir)
+    at_end, at_step_4 = (transformer_weights(output_dir / "validation" / f"step-{s}" / "pipeline") for s in (5, 4))
+    assert all(torch.equal(at_end[name], final[name]) for name in final)  # the EMA weights, as the final save
+    assert not all(torch.equal(at_step_4[name], final[name]) for name in final)
+    HARTPipeline.from_pretrained(output_dir / "validation" / "step-4" / "pipeline")
 
 
 def test_output_loads_as_a_pipeline_and_generates(uninterrupted):

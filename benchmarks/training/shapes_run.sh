@@ -14,6 +14,13 @@
 # generated with the EMA weights every VALIDATION_STEPS steps and judged: validation_scores.jsonl is the held-out score
 # along the training.
 #
+# Each validation also saves the model it judged, and the model shipped and scored is the one of the validation that
+# scored best (SELECT_BY_VALIDATION=1, the default; ties go to the later step): the 100 prompts choose the step, the
+# scored 200 never do. eval-final/scores.json in the logs tar scores the last step's model for comparison.
+#
+# PARTIAL_CAPTIONS=<p> trains on captions that leave out each object's colour or shape with probability p
+# (shapes.partial_captions); TRANSFORMER_CONFIG_OVERRIDES='{"key": value}' changes the transformer's config.
+#
 # DATA_ONLY=1 makes the data in $WORK and stops; DATA_FROM=<folder> links that data (an earlier $WORK's train/, codec/
 # and base/) instead of making it, so that variants side by side make it once.
 #
@@ -55,10 +62,14 @@ TOKENIZER_FROM=${TOKENIZER_FROM:-}
 RESERVE=${RESERVE:-100}
 VALIDATION_PROMPTS=${VALIDATION_PROMPTS:-100}
 VALIDATION_STEPS=${VALIDATION_STEPS:-500}
-# the transformer's --label_smoothing and --adam_weight_decay
+# the transformer's --label_smoothing and --adam_weight_decay, and the trained text encoder's learning rate
 LABEL_SMOOTHING=${LABEL_SMOOTHING:-0}
 WEIGHT_DECAY=${WEIGHT_DECAY:-0.01}
+TEXT_ENCODER_LEARNING_RATE=${TEXT_ENCODER_LEARNING_RATE:-6e-4}
 DATA_FROM=${DATA_FROM:-}
+PARTIAL_CAPTIONS=${PARTIAL_CAPTIONS:-0}
+TRANSFORMER_CONFIG_OVERRIDES=${TRANSFORMER_CONFIG_OVERRIDES:-"{}"}
+SELECT_BY_VALIDATION=${SELECT_BY_VALIDATION:-1}
 mkdir -p "$OUT" "$WORK"
 START=$(date +%s)
 stamp() { echo "[$(date +%T)] $*"; }
@@ -141,20 +152,43 @@ fi
 if [ -n "${BUDGET:-}" ]; then
     TRANSFORMER_SECONDS=$(( BUDGET - RESERVE - ($(date +%s) - START) ))
 fi
+# this run's captions and transformer config, beside data that variants may share
+train_dir="$WORK/train"
+if [ "$PARTIAL_CAPTIONS" != 0 ]; then
+    train_dir="$WORK/train-partial-captions"
+    stamp "captions: each object's colour or shape left out with probability $PARTIAL_CAPTIONS"
+    rm -rf "$train_dir" && mkdir -p "$train_dir"
+    for shard in "$WORK"/train/shard-*; do ln -s "$(realpath "$shard")" "$train_dir/$(basename "$shard")"; done
+    "$PYTHON" - "$WORK/train" "$train_dir" "$PARTIAL_CAPTIONS" <<'EOF'
+import sys
+from diffusers_hart.training.data import read_metadata, write_metadata
+from diffusers_hart.training.shapes import partial_captions
+pairs = read_metadata(sys.argv[1])
+captions = partial_captions([text for _, text in pairs], float(sys.argv[3]))
+write_metadata(sys.argv[2], [(name, text) for (name, _), text in zip(pairs, captions)])
+EOF
+fi
+"$PYTHON" - "$WORK/base/transformer_config.json" "$TRANSFORMER_CONFIG_OVERRIDES" "$WORK/transformer_config.json" <<'EOF'
+import json, sys
+from pathlib import Path
+config = {**json.loads(Path(sys.argv[1]).read_text()), **json.loads(sys.argv[2])}
+Path(sys.argv[3]).write_text(json.dumps(config, indent=2) + "\n")
+EOF
 text_flags=(--cache_text_context "$WORK/context")
-[ "$TRAIN_TEXT_ENCODER" = 1 ] && text_flags=(--train_text_encoder)
+[ "$TRAIN_TEXT_ENCODER" = 1 ] && text_flags=(--train_text_encoder --text_encoder_learning_rate "$TEXT_ENCODER_LEARNING_RATE")
 validation_flags=(--validation_steps 1000000)
 if [ "$VALIDATION_PROMPTS" -gt 0 ]; then
     mapfile -t validation_prompts < <("$PYTHON" -c "from diffusers_hart.training.shapes import evaluation_prompts as p
 print('\n'.join(p($EVAL_PROMPTS + $VALIDATION_PROMPTS)[$EVAL_PROMPTS:]))")
-    validation_flags=(--validation_steps "$VALIDATION_STEPS" --validation_prompts "${validation_prompts[@]}")
+    validation_flags=(--validation_steps "$VALIDATION_STEPS" --validation_save_pipeline
+                      --validation_prompts "${validation_prompts[@]}")
 fi
 stamp "transformer: $TRANSFORMER_STEPS steps or $TRANSFORMER_SECONDS s ${resume[*]}"
-"$PYTHON" -m diffusers_hart.cli.train_transformer "${common[@]}" --train_data_dir "$WORK/train" \
+"$PYTHON" -m diffusers_hart.cli.train_transformer "${common[@]}" --train_data_dir "$train_dir" \
     --output_dir "$WORK/transformer" \
     --train_batch_size "$TRANSFORMER_BATCH" \
     --text_encoder_path "$WORK/base" --vae_path "$WORK/tokenizer" \
-    --transformer_config "$WORK/base/transformer_config.json" --system_prompt "$("$PYTHON" -c 'from diffusers_hart.training.shapes_model import SYSTEM_PROMPT; print(SYSTEM_PROMPT, end="")')" \
+    --transformer_config "$WORK/transformer_config.json" --system_prompt "$("$PYTHON" -c 'from diffusers_hart.training.shapes_model import SYSTEM_PROMPT; print(SYSTEM_PROMPT, end="")')" \
     --max_train_steps "$TRANSFORMER_STEPS" --max_train_seconds "$TRANSFORMER_SECONDS" --learning_rate 6e-4 \
     --lr_warmup_steps 100 --label_smoothing "$LABEL_SMOOTHING" --adam_weight_decay "$WEIGHT_DECAY" \
     --use_ema --ema_decay 0.999 "${text_flags[@]}" "${validation_flags[@]}" "${resume[@]}"
@@ -173,13 +207,23 @@ with open(output / "logs" / "validation_scores.jsonl", "w") as log:
         print(f"step {step}", summary)
 EOF
 fi
-stamp "the shipped form: float16 weights (the CLI upcasts them on the CPU), evaluated as shipped"
-rm -rf "$WORK/shipped"
-"$PYTHON" - "$WORK/transformer" "$WORK/shipped" <<'EOF'
+shipped_from="$WORK/transformer"
+if [ "$VALIDATION_PROMPTS" -gt 0 ] && [ "$SELECT_BY_VALIDATION" = 1 ]; then
+    best_step=$("$PYTHON" -c "import json, sys
+scores = [json.loads(line) for line in open(sys.argv[1])]
+print(max(scores, key=lambda score: (score['correct'], score['step']))['step'])" "$WORK/transformer/logs/validation_scores.jsonl")
+    echo "$best_step" > "$WORK/transformer/logs/selected_step.txt"
+    shipped_from="$WORK/transformer/validation/step-$best_step/pipeline"
+fi
+stamp "the shipped form of $shipped_from: float16 weights (the CLI upcasts them on the CPU), evaluated as shipped"
+to_float16() {
+"$PYTHON" - "$1" "$2" <<'EOF'
 import sys, torch
 from diffusers_hart import HARTPipeline
 HARTPipeline.from_pretrained(sys.argv[1]).to(torch.float16).save_pretrained(sys.argv[2])
 EOF
+}
+rm -rf "$WORK/shipped" && to_float16 "$shipped_from" "$WORK/shipped"
 # the model and the training logs go to $OUT first, so that a call cut short in the evaluation still returns them
 (cd "$WORK/shipped" && tar -cf - .) | split -b 15m - "$OUT/shapes-model.tar.part-"
 tar -cf "$OUT/shapes-logs.tar" -C "$WORK" tokenizer/logs transformer/logs
@@ -188,6 +232,13 @@ rm -rf "$WORK/eval"
 "$PYTHON" -m diffusers_hart.cli.shapes sample --model "$WORK/shipped" --output "$WORK/eval" \
     --num-prompts "$EVAL_PROMPTS" --batch-size 100 --dtype fp32
 tar -rf "$OUT/shapes-logs.tar" -C "$WORK" eval/scores.json
+if [ "$shipped_from" != "$WORK/transformer" ]; then
+    stamp "evaluation of the last step's model, for comparison"
+    rm -rf "$WORK/eval-final" "$WORK/final" && to_float16 "$WORK/transformer" "$WORK/final"
+    "$PYTHON" -m diffusers_hart.cli.shapes sample --model "$WORK/final" --output "$WORK/eval-final" \
+        --num-prompts "$EVAL_PROMPTS" --batch-size 100 --dtype fp32
+    tar -rf "$OUT/shapes-logs.tar" -C "$WORK" eval-final/scores.json
+fi
 "$PYTHON" - "$WORK/eval" "$OUT/samples.png" <<'EOF'
 import json, sys
 from pathlib import Path

@@ -7,7 +7,8 @@
 #       OUT=$OUT bash benchmarks/training/shapes_variants.sh
 #
 # Under $OUT: variants.tar (each variant's shapes.log, shapes-logs.tar and samples.png), summary.txt (each one's
-# held-out score), and the model parts of the variant that scored best (a device call returns at most 8 files).
+# held-out scores), and the model parts of the variant whose best validation scored highest (a device call returns
+# at most 8 files): the validation prompts choose the model, the scored held-out prompts never do.
 set -u
 OUT=${OUT:-shapes-variants-out}
 VARIANTS=${VARIANTS:-"frozen:TRAIN_TEXT_ENCODER=0 joint:TRAIN_TEXT_ENCODER=1"}
@@ -27,9 +28,28 @@ wait
 best="" best_score=-1
 for variant in $VARIANTS; do
     name=${variant%%:*}
-    score=$(tar -xOf "$OUT/variants/$name/shapes-logs.tar" eval/scores.json 2>/dev/null \
-        | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["correct"])' 2>/dev/null || echo none)
-    echo "$name ($variant): held-out fully right $score" | tee -a "$OUT/summary.txt"
+    # prints the summary line; its last word is the score that chooses (the best validation, else the scored one)
+    line=$("$PYTHON" - "$OUT/variants/$name/shapes-logs.tar" <<'EOF' 2>/dev/null || echo "no scores: none"
+import json, sys, tarfile
+with tarfile.open(sys.argv[1]) as logs:
+    def read(name):
+        try:
+            return logs.extractfile(name).read().decode()
+        except KeyError:
+            return None
+    shipped, final = (json.loads(text) if text else None for text in map(read, ("eval/scores.json", "eval-final/scores.json")))
+    validations = [json.loads(line) for line in (read("transformer/logs/validation_scores.jsonl") or "").splitlines()]
+    selected = read("transformer/logs/selected_step.txt")
+words = [f"held-out fully right {shipped['correct']}"]
+choice = shipped["correct"]
+if selected:
+    choice = next(v["correct"] for v in validations if v["step"] == int(selected))
+    words += [f"(step {selected.strip()}, its validation {choice})", f"last step's model {final and final['correct']}"]
+print(", ".join(words), "; chosen by", choice)
+EOF
+)
+    score=${line##* }
+    echo "$name ($variant): $line" | tee -a "$OUT/summary.txt"
     if [ "$score" != none ] && "$PYTHON" -c "import sys; sys.exit(not $score > $best_score)"; then
         best=$name best_score=$score
     fi

@@ -40,6 +40,11 @@ def build_make_parser() -> CommandParser:
         "--overwrite", action="store_true",
         help="write into a non-empty folder, first deleting the files its metadata.jsonl lists (default: off)",
     )  # fmt: skip
+    parser.add_argument(
+        "--partial-captions", type=float, default=0.0, metavar="PROBABILITY",
+        help="leave out each object's colour or shape with this probability, a training augmentation: 'a triangle "
+        "at the top left', 'a green shape at the top left' (default: %(default)s)",
+    )  # fmt: skip
     return parser
 
 
@@ -84,7 +89,9 @@ def build_sample_parser() -> CommandParser:
 
 
 def _make(args: argparse.Namespace) -> None:
-    write_dataset(args.output, args.num_images, args.size, args.seed, args.split, args.overwrite)
+    write_dataset(
+        args.output, args.num_images, args.size, args.seed, args.split, args.overwrite, args.partial_captions
+    )
     print(f"Wrote {args.num_images} {args.split} images of {args.size}x{args.size} pixels to {args.output}")
 
 

@@ -61,6 +61,9 @@ def build_parser():
                        "with a metadata.jsonl of their prompts (default: none)")
     model.add_argument("--validation_guidance_scale", type=float, default=4.5,
                        help="guidance scale of the validation images (default: %(default)s)")
+    model.add_argument("--validation_save_pipeline", action="store_true",
+                       help="also save the model as validated (the EMA weights with --use_ema) in "
+                       "output_dir/validation/step-N/pipeline, to keep the step that validated best (default: off)")
     # fmt: on
     return parser
 

@@ -247,17 +247,19 @@ def _remove_previous_dataset(folder: Path) -> None:
 
 def write_dataset(
     folder: Union[str, Path], num_images: int, size: int = 64, seed: int = 0, split: str = "train",
-    overwrite: bool = False,
+    overwrite: bool = False, partial_caption_probability: float = 0.0,
 ) -> None:  # fmt: skip
     """Write `num_images` scenes of `split` as `000000.png`, ... plus `metadata.jsonl` (imagefolder layout).
 
     Refuses a non-empty `folder` (`FileExistsError`) unless `overwrite`, which first deletes the files that the
-    folder's previous `metadata.jsonl` lists. Image `i` is the same for every `num_images` > `i` of one seed.
+    folder's previous `metadata.jsonl` lists. Image `i` is the same for every `num_images` > `i` of one seed, and
+    for every `partial_caption_probability` (see `partial_captions`, which it applies to the captions).
     """
     _check_split(split)
     _check_side(size)
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
+    _check_probability(partial_caption_probability)
     folder = Path(folder)
     if folder.is_dir() and any(folder.iterdir()):
         if not overwrite:
@@ -271,7 +273,43 @@ def write_dataset(
         file_name = f"{index:06d}.png"
         render_scene(scene, size, rng).save(folder / file_name)
         pairs.append((file_name, scene.caption))
+    if partial_caption_probability:
+        captions = partial_captions([caption for _, caption in pairs], partial_caption_probability, seed)
+        pairs = [(file_name, caption) for (file_name, _), caption in zip(pairs, captions)]
     write_metadata(folder, pairs)
+
+
+# Partial captions: a training augmentation.
+# A caption that leaves out an object's colour or its shape is still true of its image. Training on some makes the
+# colour word alone decide the colour and the shape word alone the shape, whatever the other word is: what a
+# held-out colour-shape pair needs. A shape left out reads "shape" ("a green shape at the top left"), a colour left
+# out is dropped ("a triangle at the top left").
+UNNAMED_SHAPE = "shape"
+
+
+def _check_probability(probability: float) -> None:
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"a probability must be in [0, 1], got {probability}")
+
+
+def partial_captions(captions: Sequence[str], probability: float, seed: int = 0) -> List[str]:
+    """`captions` (each in the form of `Scene.caption`) with each object's colour or shape, equally likely, left
+    out with `probability`; the same for the same arguments."""
+    _check_probability(probability)
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the scenes' and renderings' draws stay as they are
+    rewritten = []
+    for caption in captions:
+        clauses = []
+        for obj in parse_caption(caption).objects:
+            colour, shape = obj.colour, obj.shape
+            if rng.random() < probability:
+                if rng.random() < 0.5:
+                    colour = None
+                else:
+                    shape = UNNAMED_SHAPE
+            clauses.append(" ".join(word for word in ("a", colour, shape, "at the", obj.position) if word))
+        rewritten.append(" and ".join(clauses))
+    return rewritten
 
 
 # The evaluator.

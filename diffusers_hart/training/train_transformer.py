@@ -12,7 +12,7 @@ is a HARTPipeline folder (`HARTPipeline.from_pretrained(output_dir)`, EMA weight
 import json
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -162,7 +162,9 @@ class TextInputsCollate:
 
 class PromptValidation:
     """Images of `--validation_prompts` (seeded by `--seed`) saved as `output_dir/validation/step-N/<i>.png`, with
-    the prompts in that folder's `metadata.jsonl` (an imagefolder: `hart-eval-shapes` judges it as it is)."""
+    the prompts in that folder's `metadata.jsonl` (an imagefolder: `hart-eval-shapes` judges it as it is). With
+    `save_model` (`--validation_save_pipeline`) the model as validated is saved there too, in `pipeline/`: a run
+    can then be taken from the step where its validation was best, not only from its end."""
 
     def __init__(
         self,
@@ -172,6 +174,7 @@ class PromptValidation:
         seed: int,
         guidance_scale: float,
         output_dir,
+        save_model: Optional[Callable[[Path], None]] = None,
     ):
         self.pipeline = pipeline
         self.trained = trained
@@ -179,6 +182,7 @@ class PromptValidation:
         self.seed = seed
         self.guidance_scale = guidance_scale
         self.output_dir = Path(output_dir)
+        self.save_model = save_model
 
     def __call__(self, global_step: int) -> None:
         self.trained.eval()
@@ -193,6 +197,8 @@ class PromptValidation:
         for name, image in zip(names, images):
             image.save(folder / name)
         write_metadata(folder, list(zip(names, self.prompts)))
+        if self.save_model is not None:
+            self.save_model(folder / "pipeline")
         logger.info(f"step {global_step}: {len(images)} validation image(s) in {folder}")
 
 
@@ -256,19 +262,20 @@ def main(args) -> HARTPipeline:
             prompt_embeds, prompt_attention_mask = text_context(batch["texts"])
             return module(batch["pixel_values"], prompt_embeds, prompt_attention_mask)
 
+    def save_model(folder):
+        if args.lora_rank is not None:
+            # folder/pytorch_lora_weights.safetensors, read back by
+            # transformer.load_lora_adapter(folder, prefix=None, use_safetensors=True)
+            transformer.save_lora_adapter(folder)
+        else:
+            pipeline.save_pretrained(folder)
+
     validate = None
     if args.validation_prompts:
         validate = PromptValidation(
-            pipeline, module, args.validation_prompts, args.seed, args.validation_guidance_scale, args.output_dir
-        )
-
-    def save_final():
-        if args.lora_rank is not None:
-            # output_dir/pytorch_lora_weights.safetensors, read back by
-            # transformer.load_lora_adapter(output_dir, prefix=None, use_safetensors=True)
-            transformer.save_lora_adapter(args.output_dir)
-        else:
-            pipeline.save_pretrained(args.output_dir)
+            pipeline, module, args.validation_prompts, args.seed, args.validation_guidance_scale, args.output_dir,
+            save_model=save_model if args.validation_save_pipeline else None,
+        )  # fmt: skip
 
     trainer = Trainer(
         args,
@@ -277,7 +284,7 @@ def main(args) -> HARTPipeline:
         build_train_dataset(args, captions_required=True),
         trained_model=module,
         validate=validate,
-        save_final=save_final,
+        save_final=lambda: save_model(args.output_dir),
         collate_fn=collate_fn,
     )
     trainer.train()
