@@ -22,6 +22,7 @@ from diffusers_hart.cli.shapes import (
 )
 from diffusers_hart.training.data import read_metadata
 from diffusers_hart.training.shapes import (
+    AUXILIARY_COLOURS,
     COLOUR_NAMES,
     COLOURS,
     HELD_OUT_PAIRS,
@@ -217,7 +218,7 @@ def test_caption_lists_objects_in_reading_order():
 @pytest.mark.parametrize(
     "caption, problem",
     [
-        ("a orange circle at the top left", "unknown colour 'orange'"),
+        ("a brown circle at the top left", "unknown colour 'brown'"),
         ("a red hexagon at the top left", "unknown shape 'hexagon'"),
         ("a red circle at the middle left", "unknown position 'middle left'"),
         ("a red circle in the top left", "expected 'a COLOUR SHAPE at the POSITION'"),
@@ -311,6 +312,24 @@ def test_partial_captions_leave_out_one_attribute_and_keep_the_images(tmp_path):
     assert [text for _, text in partial] == partial_captions([text for _, text in full], 1.0, seed=3)
     for file_name, _ in full:
         assert (tmp_path / "full" / file_name).read_bytes() == (tmp_path / "partial" / file_name).read_bytes()
+
+
+def test_auxiliary_colours_come_with_every_shape_and_no_held_out_pair(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    objects = [obj for _ in range(400) for obj in sample_scene(rng, "train", auxiliary_colours=True).objects]
+    pairs = Counter((obj.colour, obj.shape) for obj in objects)
+    assert not set(pairs) & HELD_OUT_PAIRS
+    assert {(colour, shape) for colour in AUXILIARY_COLOURS for shape in SHAPES} <= set(pairs)
+    assert set(COLOUR_NAMES) <= {colour for colour, _ in pairs}  # the palette's colours stay
+    with pytest.raises(ValueError, match="for training data"):
+        sample_scene(rng, "eval", auxiliary_colours=True)
+    folder = tmp_path / "aux"
+    main_make(["--output", str(folder), "--num-images", "30", "--auxiliary-colours"])
+    captions = [text for _, text in read_metadata(folder)]
+    assert any(colour in caption for caption in captions for colour in AUXILIARY_COLOURS)
+    assert "for training data" in _one_line_error(
+        capsys, main_make, ["--output", str(tmp_path / "e"), "--split", "eval", "--auxiliary-colours"]
+    )
 
 
 def _one_line_error(capsys, main, argv) -> str:

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import Qwen2Model
 
@@ -16,8 +17,10 @@ def _word_states(encoder, caption):
         return encoder(input_ids=ids).last_hidden_state[0]
 
 
-def test_every_caption_word_is_one_token():
-    caption = "a green triangle at the top left"
+@pytest.mark.parametrize(
+    "caption", ["a green triangle at the top left", "a cyan shape at the bottom right and a square at the top right"]
+)
+def test_every_caption_word_is_one_token(caption):
     ids = TOKENIZER(caption).input_ids
     assert len(ids) == len(caption.split())
     assert TOKENIZER.decode(ids) == caption

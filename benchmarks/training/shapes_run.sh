@@ -18,7 +18,7 @@
 # scored best (SELECT_BY_VALIDATION=1, the default; ties go to the later step): the 100 prompts choose the step, the
 # scored 200 never do. eval-final/scores.json in the logs tar scores the last step's model for comparison.
 #
-# PARTIAL_CAPTIONS=<p> trains on captions that leave out each object's colour or shape with probability p
+# AUX_SHARDS / AUXILIARY_SHARDS: see below. PARTIAL_CAPTIONS=<p> trains on captions that leave out each object's colour or shape with probability p
 # (shapes.partial_captions); TRANSFORMER_CONFIG_OVERRIDES='{"key": value}' changes the transformer's config.
 #
 # DATA_ONLY=1 makes the data in $WORK and stops; DATA_FROM=<folder> links that data (an earlier $WORK's train/, codec/
@@ -68,6 +68,10 @@ WEIGHT_DECAY=${WEIGHT_DECAY:-0.01}
 TEXT_ENCODER_LEARNING_RATE=${TEXT_ENCODER_LEARNING_RATE:-6e-4}
 DATA_FROM=${DATA_FROM:-}
 PARTIAL_CAPTIONS=${PARTIAL_CAPTIONS:-0}
+# AUX_SHARDS=<n> makes n more shards whose colours include shapes.AUXILIARY_COLOURS; AUXILIARY_SHARDS=<m> trains on
+# the first m of them besides the training shards
+AUX_SHARDS=${AUX_SHARDS:-0}
+AUXILIARY_SHARDS=${AUXILIARY_SHARDS:-0}
 TRANSFORMER_CONFIG_OVERRIDES=${TRANSFORMER_CONFIG_OVERRIDES:-"{}"}
 SELECT_BY_VALIDATION=${SELECT_BY_VALIDATION:-1}
 mkdir -p "$OUT" "$WORK"
@@ -78,29 +82,36 @@ PYTHON=${PYTHON:-python3}
 common=(--resolution 64 --mixed_precision "$PRECISION"
         --dataloader_num_workers "$WORKERS" --report_to none --checkpointing_steps 1000000 --lr_scheduler constant_with_warmup)
 
-merge_shards() {  # one metadata.jsonl for the shard folders directly under $1
-"$PYTHON" - "$1" <<'EOF'
+merge_shards() {  # one metadata.jsonl for the shard folders directly under $1; $2: shapes.partial_captions' probability
+"$PYTHON" - "$1" "${2:-0}" <<'EOF'
 import sys
 from pathlib import Path
 from diffusers_hart.training.data import read_metadata, write_metadata
+from diffusers_hart.training.shapes import partial_captions
 root = Path(sys.argv[1])
 pairs = [(f"{shard.name}/{name}", text) for shard in sorted(root.glob("*shard-*")) for name, text in read_metadata(shard)]
+if float(sys.argv[2]):
+    pairs = list(zip([name for name, _ in pairs], partial_captions([text for _, text in pairs], float(sys.argv[2]))))
 write_metadata(root, pairs)
 print(f"{root}: {len(pairs)} images")
 EOF
 }
 
 make_data() {
-stamp "data: $SHARDS shards of $IMAGES_PER_SHARD training images and $CODEC_EVAL_SHARDS of held-out-pair images for the tokenizer"
-for shard in $(seq 0 $((SHARDS - 1))); do
-    "$PYTHON" -m diffusers_hart.cli.shapes make --output "$WORK/train/shard-$shard" --num-images "$IMAGES_PER_SHARD" \
-        --size 64 --seed "$shard" --overwrite &
-done
-for shard in $(seq 0 $((CODEC_EVAL_SHARDS - 1))); do
-    "$PYTHON" -m diffusers_hart.cli.shapes make --output "$WORK/codec/eval-shard-$shard" --split eval \
-        --num-images "$IMAGES_PER_SHARD" --size 64 --seed "$((1000 + shard))" --overwrite &
-done
-wait
+stamp "data: $SHARDS shards of $IMAGES_PER_SHARD training images, $AUX_SHARDS with auxiliary colours too and" \
+    "$CODEC_EVAL_SHARDS of held-out-pair images for the tokenizer"
+# one process that forks a worker per CPU: a process per shard would each import the package
+"$PYTHON" - "$WORK" "$IMAGES_PER_SHARD" "$SHARDS" "$AUX_SHARDS" "$CODEC_EVAL_SHARDS" <<'EOF'
+import sys
+from multiprocessing import Pool
+from diffusers_hart.training.shapes import write_dataset
+work, per_shard, (shards, aux_shards, codec_shards) = sys.argv[1], int(sys.argv[2]), map(int, sys.argv[3:])
+jobs = [(f"{work}/train/shard-{i}", per_shard, 64, i, "train", True) for i in range(shards)]
+jobs += [(f"{work}/train-aux/aux-shard-{i}", per_shard, 64, 2000 + i, "train", True, 0.0, True) for i in range(aux_shards)]
+jobs += [(f"{work}/codec/eval-shard-{i}", per_shard, 64, 1000 + i, "eval", True) for i in range(codec_shards)]
+with Pool() as pool:
+    pool.starmap(write_dataset, jobs)
+EOF
 mkdir -p "$WORK/codec"
 for shard in "$WORK"/train/shard-*; do
     ln -sfn "../train/$(basename "$shard")" "$WORK/codec/$(basename "$shard")"
@@ -135,7 +146,10 @@ else
     rm -rf "$WORK/transformer"
     if [ -n "$DATA_FROM" ]; then
         stamp "data: linked from $DATA_FROM"
-        for part in train codec base; do rm -rf "${WORK:?}/$part" && ln -s "$(realpath "$DATA_FROM/$part")" "$WORK/$part"; done
+        for part in train train-aux codec base; do
+            [ -e "$DATA_FROM/$part" ] || continue
+            rm -rf "${WORK:?}/$part" && ln -s "$(realpath "$DATA_FROM/$part")" "$WORK/$part"
+        done
     else
         make_data
     fi
@@ -152,21 +166,17 @@ fi
 if [ -n "${BUDGET:-}" ]; then
     TRANSFORMER_SECONDS=$(( BUDGET - RESERVE - ($(date +%s) - START) ))
 fi
-# this run's captions and transformer config, beside data that variants may share
+# this run's training set (captions, auxiliary shards) and transformer config, beside data that variants may share
 train_dir="$WORK/train"
-if [ "$PARTIAL_CAPTIONS" != 0 ]; then
-    train_dir="$WORK/train-partial-captions"
-    stamp "captions: each object's colour or shape left out with probability $PARTIAL_CAPTIONS"
+if [ "$PARTIAL_CAPTIONS" != 0 ] || [ "$AUXILIARY_SHARDS" -gt 0 ]; then
+    train_dir="$WORK/train-this-run"
+    stamp "training set: $AUXILIARY_SHARDS shards with auxiliary colours added, partial captions $PARTIAL_CAPTIONS"
     rm -rf "$train_dir" && mkdir -p "$train_dir"
-    for shard in "$WORK"/train/shard-*; do ln -s "$(realpath "$shard")" "$train_dir/$(basename "$shard")"; done
-    "$PYTHON" - "$WORK/train" "$train_dir" "$PARTIAL_CAPTIONS" <<'EOF'
-import sys
-from diffusers_hart.training.data import read_metadata, write_metadata
-from diffusers_hart.training.shapes import partial_captions
-pairs = read_metadata(sys.argv[1])
-captions = partial_captions([text for _, text in pairs], float(sys.argv[3]))
-write_metadata(sys.argv[2], [(name, text) for (name, _), text in zip(pairs, captions)])
-EOF
+    for shard in "$WORK"/train/shard-* $(seq -f "$WORK/train-aux/aux-shard-%g" 0 $((AUXILIARY_SHARDS - 1))); do
+        [ -d "$shard" ] || { echo "missing $shard: make the data with AUX_SHARDS=$AUXILIARY_SHARDS or more" >&2; exit 2; }
+        ln -s "$(realpath "$shard")" "$train_dir/$(basename "$shard")"
+    done
+    merge_shards "$train_dir" "$PARTIAL_CAPTIONS"
 fi
 "$PYTHON" - "$WORK/base/transformer_config.json" "$TRANSFORMER_CONFIG_OVERRIDES" "$WORK/transformer_config.json" <<'EOF'
 import json, sys

@@ -45,6 +45,11 @@ def build_make_parser() -> CommandParser:
         help="leave out each object's colour or shape with this probability, a training augmentation: 'a triangle "
         "at the top left', 'a green shape at the top left' (default: %(default)s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--auxiliary-colours", action="store_true",
+        help="also draw colours no evaluation prompt asks for (orange, lime, cyan, pink), each with every shape; "
+        "--split train only (default: off)",
+    )  # fmt: skip
     return parser
 
 
@@ -90,8 +95,9 @@ def build_sample_parser() -> CommandParser:
 
 def _make(args: argparse.Namespace) -> None:
     write_dataset(
-        args.output, args.num_images, args.size, args.seed, args.split, args.overwrite, args.partial_captions
-    )
+        args.output, args.num_images, args.size, args.seed, args.split, args.overwrite, args.partial_captions,
+        args.auxiliary_colours,
+    )  # fmt: skip
     print(f"Wrote {args.num_images} {args.split} images of {args.size}x{args.size} pixels to {args.output}")
 
 

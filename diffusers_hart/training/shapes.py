@@ -42,6 +42,17 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
 }
 BACKGROUND = (0, 0, 0)
 COLOUR_NAMES = tuple(COLOURS)
+# Colours that a training set may add (`auxiliary_colours`), between the palette's hues (orange 30, lime 86, cyan
+# 183, pink 323). No evaluation prompt asks for them and the evaluator does not name them. Each comes with every
+# shape, so that in such a set most colours are seen with all three shapes and a colour is no cue for a shape: the
+# held-out pairs stay held out, their colours and shapes just stop predicting each other.
+AUXILIARY_COLOURS: Dict[str, Tuple[int, int, int]] = {
+    "orange": (240, 140, 30),
+    "lime": (150, 230, 30),
+    "cyan": (30, 205, 220),
+    "pink": (240, 60, 170),
+}
+_RENDERED_COLOURS = {**COLOURS, **AUXILIARY_COLOURS}
 SHAPES = ("circle", "square", "triangle")
 # Reading order, which is also the order of a caption's objects. Each position is a quadrant: (row, column).
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
@@ -98,7 +109,8 @@ class ShapeObject:
 
     def __post_init__(self):
         for kind, word, vocabulary in (
-            ("colour", self.colour, COLOUR_NAMES), ("shape", self.shape, SHAPES), ("position", self.position, POSITIONS)
+            ("colour", self.colour, tuple(_RENDERED_COLOURS)), ("shape", self.shape, SHAPES),
+            ("position", self.position, POSITIONS),
         ):  # fmt: skip
             if word not in vocabulary:
                 raise ValueError(f"unknown {kind} {word!r}; expected one of: {', '.join(vocabulary)}")
@@ -160,17 +172,25 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
 
 
-def sample_scene(rng: np.random.Generator, split: str) -> Scene:
+def _check_auxiliary_colours(split: str, auxiliary_colours: bool) -> None:
+    if auxiliary_colours and split != "train":
+        raise ValueError("auxiliary colours are for training data: no evaluation prompt asks for them")
+
+
+def sample_scene(rng: np.random.Generator, split: str, auxiliary_colours: bool = False) -> Scene:
     """A random scene of `split`: 1 or 2 objects (equally likely) at random distinct positions.
 
     A "train" scene has no held-out pair; an "eval" scene has at least one (drawn uniformly among such scenes).
+    `auxiliary_colours` ("train" only) draws colours from `AUXILIARY_COLOURS` too.
     """
     _check_split(split)
+    _check_auxiliary_colours(split, auxiliary_colours)
+    colours = tuple(_RENDERED_COLOURS) if auxiliary_colours else COLOUR_NAMES
     count = int(rng.integers(1, MAX_OBJECTS + 1))
     positions = rng.choice(len(POSITIONS), size=count, replace=False)
     while True:
         scene = Scene(tuple(
-            ShapeObject(COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))], SHAPES[rng.integers(len(SHAPES))], POSITIONS[p])
+            ShapeObject(colours[rng.integers(len(colours))], SHAPES[rng.integers(len(SHAPES))], POSITIONS[p])
             for p in positions
         ))  # fmt: skip
         if scene.held_out == (split == "eval"):
@@ -229,7 +249,7 @@ def render_scene(scene: Scene, size: int, rng: np.random.Generator) -> Image.Ima
         extent = cell * rng.uniform(*EXTENT_RANGE)
         slack = (cell - extent) / 2 - CELL_MARGIN * cell  # how far the centre may move and keep the margin
         cx, cy = ((column + 0.5) * cell, (row + 0.5) * cell) + rng.uniform(-slack, slack, size=2)
-        _draw_shape(draw, obj.shape, cx, cy, extent, COLOURS[obj.colour])
+        _draw_shape(draw, obj.shape, cx, cy, extent, _RENDERED_COLOURS[obj.colour])
     return image.reduce(SUPERSAMPLING)
 
 
@@ -247,15 +267,17 @@ def _remove_previous_dataset(folder: Path) -> None:
 
 def write_dataset(
     folder: Union[str, Path], num_images: int, size: int = 64, seed: int = 0, split: str = "train",
-    overwrite: bool = False, partial_caption_probability: float = 0.0,
+    overwrite: bool = False, partial_caption_probability: float = 0.0, auxiliary_colours: bool = False,
 ) -> None:  # fmt: skip
     """Write `num_images` scenes of `split` as `000000.png`, ... plus `metadata.jsonl` (imagefolder layout).
 
     Refuses a non-empty `folder` (`FileExistsError`) unless `overwrite`, which first deletes the files that the
     folder's previous `metadata.jsonl` lists. Image `i` is the same for every `num_images` > `i` of one seed, and
     for every `partial_caption_probability` (see `partial_captions`, which it applies to the captions).
+    `auxiliary_colours` ("train" only): see `sample_scene`.
     """
     _check_split(split)
+    _check_auxiliary_colours(split, auxiliary_colours)
     _check_side(size)
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
@@ -269,7 +291,7 @@ def write_dataset(
     rng = np.random.default_rng(seed)
     pairs = []
     for index in range(num_images):
-        scene = sample_scene(rng, split)
+        scene = sample_scene(rng, split, auxiliary_colours)
         file_name = f"{index:06d}.png"
         render_scene(scene, size, rng).save(folder / file_name)
         pairs.append((file_name, scene.caption))

@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
 
-from .shapes import COLOURS, POSITIONS, SHAPES, UNNAMED_SHAPE
+from .shapes import AUXILIARY_COLOURS, COLOURS, POSITIONS, SHAPES, UNNAMED_SHAPE
 
 RESOLUTION = 64
 PATCH_NUMS = (1, 2, 4, 8)  # an 8x8 latent: 64 px at the tokenizer's 8x downsampling
@@ -40,7 +40,7 @@ TRANSFORMER_CONFIG = dict(
 
 def _caption_words():
     """Every word a shapes caption can use, once per line: what the BPE merges are learned from."""
-    words = ["a", "at", "the", "and", UNNAMED_SHAPE, *COLOURS, *SHAPES]
+    words = ["a", "at", "the", "and", UNNAMED_SHAPE, *COLOURS, *AUXILIARY_COLOURS, *SHAPES]
     words += [word for position in POSITIONS for word in position.split()]
     return sorted(set(words))
 
