@@ -89,7 +89,8 @@ def uninterrupted(workspace):
     counts the captions the text encoder encodes for training."""
     output_dir = workspace / "uninterrupted"
     config = workspace / "run.yaml"
-    flags = {**RUN_FLAGS, "validation_steps": 4, "validation_prompts": ["a red circle"], "validation_save_pipeline": True}
+    flags = {**RUN_FLAGS, "validation_steps": 4, "validation_prompts": ["a red circle"]}
+    flags.update(validation_save_pipeline=True)
     flags.update(cache_text_context=str(workspace / "cache"), train_data_dir=str(workspace / "data"))
     flags.update(pretrained_model_name_or_path=str(workspace / "pipe"), output_dir=str(output_dir))
     config.write_text(yaml.safe_dump(flags))

@@ -10,19 +10,22 @@
 # as training ends; then adds scores.json of the held-out prompts to the tar, samples.png (a grid of them), and, when
 # this call trained the tokenizer, tokenizer_roundtrip.json.
 #
-# VALIDATION_PROMPTS=<n> (default 100) held-out prompts, disjoint from the scored ones (evaluation_prompts' next n), are
-# generated with the EMA weights every VALIDATION_STEPS steps and judged: validation_scores.jsonl is the held-out score
-# along the training.
+# The defaults are the packaged model's recipe: 32 shards of training scenes plus 32 shards whose colours also include
+# the auxiliary ones, each with every shape (AUX_SHARDS made, AUXILIARY_SHARDS trained on; 0 trains on the palette
+# alone), the text encoder trained with the transformer, the tokenizer trained on images of every pair.
 #
-# Each validation also saves the model it judged, and the model shipped and scored is the one of the validation that
-# scored best (SELECT_BY_VALIDATION=1, the default; ties go to the later step): the 100 prompts choose the step, the
-# scored 200 never do. eval-final/scores.json in the logs tar scores the last step's model for comparison.
+# VALIDATION_PROMPTS=<n> (default 100) held-out prompts, disjoint from the scored ones (evaluation_prompts' next n),
+# are generated with the EMA weights every VALIDATION_STEPS (250) steps and judged: validation_scores.jsonl is the
+# held-out score along the training. Each validation also saves the model it judged, and the model shipped and
+# scored is the one of the validation that scored best (SELECT_BY_VALIDATION=1, the default; ties go to the later
+# step): the 100 prompts choose the step, the scored 200 never do. eval-final/scores.json in the logs tar scores the
+# last step's model for comparison.
 #
-# AUX_SHARDS / AUXILIARY_SHARDS: see below. PARTIAL_CAPTIONS=<p> trains on captions that leave out each object's colour or shape with probability p
+# PARTIAL_CAPTIONS=<p> trains on captions that leave out each object's colour or shape with probability p
 # (shapes.partial_captions); TRANSFORMER_CONFIG_OVERRIDES='{"key": value}' changes the transformer's config.
 #
-# DATA_ONLY=1 makes the data in $WORK and stops; DATA_FROM=<folder> links that data (an earlier $WORK's train/, codec/
-# and base/) instead of making it, so that variants side by side make it once.
+# DATA_ONLY=1 makes the data in $WORK and stops; DATA_FROM=<folder> links that data (an earlier $WORK's train/,
+# train-aux/, codec/ and base/) instead of making it, so that variants side by side make it once.
 #
 # BUDGET=<seconds> fits the whole script in that time: the transformer trains until BUDGET - RESERVE seconds after
 # the start. RESUME=1 keeps $WORK's data and tokenizer and resumes the transformer from its latest checkpoint (a
@@ -33,7 +36,7 @@ OUT=${OUT:-shapes-out}
 WORK=${WORK:-/tmp/hart-shapes}
 if [ "${SMOKE:-0}" = 1 ]; then
     SHARDS=2 CODEC_EVAL_SHARDS=1 IMAGES_PER_SHARD=40 TOKENIZER_STEPS=4 TRANSFORMER_STEPS=4 BATCH=8 TRANSFORMER_BATCH=8 PRECISION=no WORKERS=0
-    EVAL_PROMPTS=4 VALIDATION_PROMPTS=3 VALIDATION_STEPS=2
+    EVAL_PROMPTS=4 VALIDATION_PROMPTS=3 VALIDATION_STEPS=2 AUX_SHARDS=1
 fi
 SHARDS=${SHARDS:-32}
 IMAGES_PER_SHARD=${IMAGES_PER_SHARD:-1500}
@@ -61,17 +64,17 @@ TRAIN_TEXT_ENCODER=${TRAIN_TEXT_ENCODER:-1}
 TOKENIZER_FROM=${TOKENIZER_FROM:-}
 RESERVE=${RESERVE:-100}
 VALIDATION_PROMPTS=${VALIDATION_PROMPTS:-100}
-VALIDATION_STEPS=${VALIDATION_STEPS:-500}
+VALIDATION_STEPS=${VALIDATION_STEPS:-250}
 # the transformer's --label_smoothing and --adam_weight_decay, and the trained text encoder's learning rate
 LABEL_SMOOTHING=${LABEL_SMOOTHING:-0}
 WEIGHT_DECAY=${WEIGHT_DECAY:-0.01}
 TEXT_ENCODER_LEARNING_RATE=${TEXT_ENCODER_LEARNING_RATE:-6e-4}
 DATA_FROM=${DATA_FROM:-}
 PARTIAL_CAPTIONS=${PARTIAL_CAPTIONS:-0}
-# AUX_SHARDS=<n> makes n more shards whose colours include shapes.AUXILIARY_COLOURS; AUXILIARY_SHARDS=<m> trains on
-# the first m of them besides the training shards
-AUX_SHARDS=${AUX_SHARDS:-0}
-AUXILIARY_SHARDS=${AUXILIARY_SHARDS:-0}
+# AUX_SHARDS=<n> makes n more training shards whose colours include shapes.AUXILIARY_COLOURS; AUXILIARY_SHARDS=<m>
+# trains on the first m of them besides the palette's shards
+AUX_SHARDS=${AUX_SHARDS:-32}
+AUXILIARY_SHARDS=${AUXILIARY_SHARDS:-$AUX_SHARDS}
 TRANSFORMER_CONFIG_OVERRIDES=${TRANSFORMER_CONFIG_OVERRIDES:-"{}"}
 SELECT_BY_VALIDATION=${SELECT_BY_VALIDATION:-1}
 mkdir -p "$OUT" "$WORK"
@@ -107,7 +110,9 @@ from multiprocessing import Pool
 from diffusers_hart.training.shapes import write_dataset
 work, per_shard, (shards, aux_shards, codec_shards) = sys.argv[1], int(sys.argv[2]), map(int, sys.argv[3:])
 jobs = [(f"{work}/train/shard-{i}", per_shard, 64, i, "train", True) for i in range(shards)]
-jobs += [(f"{work}/train-aux/aux-shard-{i}", per_shard, 64, 2000 + i, "train", True, 0.0, True) for i in range(aux_shards)]
+jobs += [
+    (f"{work}/train-aux/aux-shard-{i}", per_shard, 64, 2000 + i, "train", True, 0.0, True) for i in range(aux_shards)
+]
 jobs += [(f"{work}/codec/eval-shard-{i}", per_shard, 64, 1000 + i, "eval", True) for i in range(codec_shards)]
 with Pool() as pool:
     pool.starmap(write_dataset, jobs)
@@ -173,7 +178,10 @@ if [ "$PARTIAL_CAPTIONS" != 0 ] || [ "$AUXILIARY_SHARDS" -gt 0 ]; then
     stamp "training set: $AUXILIARY_SHARDS shards with auxiliary colours added, partial captions $PARTIAL_CAPTIONS"
     rm -rf "$train_dir" && mkdir -p "$train_dir"
     for shard in "$WORK"/train/shard-* $(seq -f "$WORK/train-aux/aux-shard-%g" 0 $((AUXILIARY_SHARDS - 1))); do
-        [ -d "$shard" ] || { echo "missing $shard: make the data with AUX_SHARDS=$AUXILIARY_SHARDS or more" >&2; exit 2; }
+        if [ ! -d "$shard" ]; then
+            echo "missing $shard: make the data with AUX_SHARDS=$AUXILIARY_SHARDS or more" >&2
+            exit 2
+        fi
         ln -s "$(realpath "$shard")" "$train_dir/$(basename "$shard")"
     done
     merge_shards "$train_dir" "$PARTIAL_CAPTIONS"
@@ -185,7 +193,9 @@ config = {**json.loads(Path(sys.argv[1]).read_text()), **json.loads(sys.argv[2])
 Path(sys.argv[3]).write_text(json.dumps(config, indent=2) + "\n")
 EOF
 text_flags=(--cache_text_context "$WORK/context")
-[ "$TRAIN_TEXT_ENCODER" = 1 ] && text_flags=(--train_text_encoder --text_encoder_learning_rate "$TEXT_ENCODER_LEARNING_RATE")
+if [ "$TRAIN_TEXT_ENCODER" = 1 ]; then
+    text_flags=(--train_text_encoder --text_encoder_learning_rate "$TEXT_ENCODER_LEARNING_RATE")
+fi
 validation_flags=(--validation_steps 1000000)
 if [ "$VALIDATION_PROMPTS" -gt 0 ]; then
     mapfile -t validation_prompts < <("$PYTHON" -c "from diffusers_hart.training.shapes import evaluation_prompts as p
@@ -221,7 +231,8 @@ shipped_from="$WORK/transformer"
 if [ "$VALIDATION_PROMPTS" -gt 0 ] && [ "$SELECT_BY_VALIDATION" = 1 ]; then
     best_step=$("$PYTHON" -c "import json, sys
 scores = [json.loads(line) for line in open(sys.argv[1])]
-print(max(scores, key=lambda score: (score['correct'], score['step']))['step'])" "$WORK/transformer/logs/validation_scores.jsonl")
+print(max(scores, key=lambda score: (score['correct'], score['step']))['step'])" \
+        "$WORK/transformer/logs/validation_scores.jsonl")
     echo "$best_step" > "$WORK/transformer/logs/selected_step.txt"
     shipped_from="$WORK/transformer/validation/step-$best_step/pipeline"
 fi

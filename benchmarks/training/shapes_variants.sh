@@ -37,7 +37,7 @@ with tarfile.open(sys.argv[1]) as logs:
             return logs.extractfile(name).read().decode()
         except KeyError:
             return None
-    shipped, final = (json.loads(text) if text else None for text in map(read, ("eval/scores.json", "eval-final/scores.json")))
+    shipped, final = (json.loads(read(name) or "null") for name in ("eval/scores.json", "eval-final/scores.json"))
     validations = [json.loads(line) for line in (read("transformer/logs/validation_scores.jsonl") or "").splitlines()]
     selected = read("transformer/logs/selected_step.txt")
 words = [f"held-out fully right {shipped['correct']}"]
