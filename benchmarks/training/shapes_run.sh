@@ -248,26 +248,27 @@ rm -rf "$WORK/shipped" && to_float16 "$shipped_from" "$WORK/shipped"
 # the model and the training logs go to $OUT first, so that a call cut short in the evaluation still returns them
 (cd "$WORK/shipped" && tar -cf - .) | split -b 15m - "$OUT/shapes-model.tar.part-"
 tar -cf "$OUT/shapes-logs.tar" -C "$WORK" tokenizer/logs transformer/logs
-stamp "evaluation: $EVAL_PROMPTS held-out prompts"
-rm -rf "$WORK/eval"
-"$PYTHON" -m diffusers_hart.cli.shapes sample --model "$WORK/shipped" --output "$WORK/eval" \
+judge_held_out() {  # the model folder $1 generates the held-out prompts into $WORK/$2, whose scores.json joins the tar
+rm -rf "${WORK:?}/$2"
+"$PYTHON" -m diffusers_hart.cli.shapes sample --model "$1" --output "$WORK/$2" \
     --num-prompts "$EVAL_PROMPTS" --batch-size 100 --dtype fp32
-tar -rf "$OUT/shapes-logs.tar" -C "$WORK" eval/scores.json
+tar -rf "$OUT/shapes-logs.tar" -C "$WORK" "$2/scores.json"
+}
+stamp "evaluation: $EVAL_PROMPTS held-out prompts"
+judge_held_out "$WORK/shipped" eval
 if [ "$shipped_from" != "$WORK/transformer" ]; then
     stamp "evaluation of the last step's model, for comparison"
-    rm -rf "$WORK/eval-final" "$WORK/final" && to_float16 "$WORK/transformer" "$WORK/final"
-    "$PYTHON" -m diffusers_hart.cli.shapes sample --model "$WORK/final" --output "$WORK/eval-final" \
-        --num-prompts "$EVAL_PROMPTS" --batch-size 100 --dtype fp32
-    tar -rf "$OUT/shapes-logs.tar" -C "$WORK" eval-final/scores.json
+    rm -rf "$WORK/final" && to_float16 "$WORK/transformer" "$WORK/final"
+    judge_held_out "$WORK/final" eval-final
 fi
 "$PYTHON" - "$WORK/eval" "$OUT/samples.png" <<'EOF'
-import json, sys
+import sys
 from pathlib import Path
 from diffusers.utils import make_image_grid
 from PIL import Image
+from diffusers_hart.training.data import read_metadata
 folder = Path(sys.argv[1])
-names = [json.loads(line)["file_name"] for line in (folder / "metadata.jsonl").read_text().splitlines()][:32]
-images = [Image.open(folder / name).convert("RGB") for name in names]
+images = [Image.open(folder / name).convert("RGB") for name, _ in read_metadata(folder)[:32]]
 images += [Image.new("RGB", images[0].size)] * (-len(images) % 8)
 make_image_grid(images, rows=len(images) // 8, cols=8).save(sys.argv[2])
 EOF

@@ -3,8 +3,8 @@
 # under the same time, tokenizer and machine. Each variant is `name:VAR=value,VAR=value` of shapes_run.sh's settings
 # and runs shapes_run.sh with its own work folder; all start together and share the GPU and the CPUs.
 #
-#   VARIANTS="frozen:TRAIN_TEXT_ENCODER=0 joint:TRAIN_TEXT_ENCODER=1" TOKENIZER_FROM=diffusers_hart/pretrained/shapes/vae BUDGET=540 \
-#       OUT=$OUT bash benchmarks/training/shapes_variants.sh
+#   VARIANTS="frozen:TRAIN_TEXT_ENCODER=0 joint:TRAIN_TEXT_ENCODER=1" \
+#       TOKENIZER_FROM=diffusers_hart/pretrained/shapes/vae BUDGET=540 OUT=$OUT bash benchmarks/training/shapes_variants.sh
 #
 # Under $OUT: variants.tar (each variant's shapes.log, shapes-logs.tar and samples.png), summary.txt (each one's
 # held-out scores), and the model parts of the variant whose best validation scored highest (a device call returns
